@@ -1,0 +1,92 @@
+"""JSON wire models shared by the Quiver server and client.
+
+The server imports these models for its request and response bodies, so both sides always
+agree on the wire format. This module needs only pydantic.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    """Request bodies reject unknown fields, so a misspelt parameter is an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class RoutingParameters(_Strict):
+    """How tokens are routed across the experts for one request."""
+
+    top_k: int = Field(4, ge=1, description="number of experts mixed per token and module (clamped to the experts in scope)")
+    temperature: float = Field(1.0, gt=0, description="divides the Arrow logits |v·x| before the softmax")
+    experts: list[str] | None = Field(None, description="experts in scope; null for all, an empty list for the base model alone")
+
+
+class GenerateParameters(_Strict):
+    max_new_tokens: int = Field(20, ge=1, description="maximum number of tokens to generate")
+    temperature: float | None = Field(None, gt=0, description="sampling temperature; only used with do_sample")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass; only used with do_sample")
+    do_sample: bool = Field(False, description="sample instead of greedy decoding")
+    seed: int | None = Field(None, ge=0, description="random seed for sampling; the same seed gives the same output")
+    routing: RoutingParameters = Field(default_factory=RoutingParameters)
+
+
+class GenerateRequest(_Strict):
+    inputs: str = Field(..., min_length=1, description="the prompt, as plain text")
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+
+
+class GenerateDetails(BaseModel):
+    generated_tokens: int
+    finish_reason: str = Field(..., description="'length' when max_new_tokens was reached, 'eos_token' when the model stopped")
+    routing: dict[str, float] = Field(
+        default_factory=dict,
+        description="each expert's mean routing weight over the positions that produced the generated tokens, across all routed modules",
+    )
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    details: GenerateDetails
+
+
+class Expert(BaseModel):
+    """An expert's metadata, as stored in its ``expert.json``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    base_model: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    module_count: int
+    weights_sha256: str
+    created: str
+    task: str | None = None
+    description: str | None = None
+    adapter_base_model: str | None = None
+    source_repo: str | None = None
+    source_revision: str | None = None
+
+
+class ExpertList(BaseModel):
+    experts: list[Expert]
+    revision: int = Field(..., description="library revision; it grows with every change")
+
+
+class Health(BaseModel):
+    status: str
+    base_model: str
+    device: str
+    experts: int
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response."""
+
+    detail: str = Field(..., description="what went wrong and what to do about it")
+    code: str = Field(..., description="a stable machine-readable error code")
+    request_id: str
+    problems: list[str] | None = Field(None, description="for an invalid expert or request, every problem found")

@@ -1,0 +1,368 @@
+"""A library of LoRA experts kept in one folder, in the layout PEFT and the Hub can read::
+
+    <library>/
+      quiver.json                          manifest: format version, base model, revision, created
+      README.md                            model card generated from the experts' metadata
+      <expert>/adapter_config.json         the PEFT LoRA config, byte for byte as uploaded
+      <expert>/adapter_model.safetensors   the PEFT LoRA weights, byte for byte as uploaded
+      <expert>/expert.json                 metadata (see ExpertInfo)
+      <expert>/arrow.safetensors           Arrow prototypes (see quiver.library.arrow)
+      .staging/                            work area for atomic writes; never read as experts
+      .lock                                file lock held by every write
+
+Writes build the new expert in ``.staging`` and rename it into place under the lock, so a crash
+leaves either the old state or the new one. Every change bumps the manifest's ``revision``,
+which the routed model compares to decide when to reload its expert weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from torch import nn
+
+from .adapter import CONFIG_FILE, WEIGHTS_FILE, LoraModule, linear_module_shapes, read_adapter
+from .arrow import ARROW_CONFIG, ARROW_FILE, compute_prototypes, load_prototypes, save_prototypes
+from .errors import (
+    ExpertExistsError,
+    ExpertNotFoundError,
+    InvalidExpertError,
+    InvalidExpertNameError,
+    LibraryFormatError,
+)
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "quiver.json"
+EXPERT_FILE = "expert.json"
+CARD_FILE = "README.md"
+
+EXPERT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+"""Expert names: 1–64 characters of letters, digits, '_' and '-', starting with a letter or digit."""
+
+_STAGING = ".staging"
+
+
+@dataclass(frozen=True)
+class ExpertInfo:
+    """Metadata of one stored expert, as written to ``expert.json``."""
+
+    name: str
+    base_model: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    module_count: int
+    weights_sha256: str
+    created: str
+    task: str | None = None
+    description: str | None = None
+    adapter_base_model: str | None = None
+    source_repo: str | None = None
+    source_revision: str | None = None
+    arrow_config: dict = field(default_factory=lambda: dict(ARROW_CONFIG))
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> ExpertInfo:
+        known = {name for name in cls.__dataclass_fields__}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+@dataclass(frozen=True)
+class LoadedExpert:
+    """An expert's factors and prototypes, ready to be placed in a routed model."""
+
+    info: ExpertInfo
+    modules: dict[str, LoraModule]
+    prototypes: dict[str, torch.Tensor]  # module name -> (D_in,) float32
+
+
+def check_expert_name(name: object) -> str:
+    """Return ``name`` if it is a valid expert name, else raise :class:`InvalidExpertNameError`."""
+    if not isinstance(name, str) or not EXPERT_NAME_PATTERN.match(name):
+        raise InvalidExpertNameError(
+            str(name),
+            [f"name {name!r} is invalid: use 1-64 letters, digits, '_' or '-', starting with a letter or digit"],
+        )
+    return name
+
+
+class ExpertLibrary:
+    """A folder of LoRA experts for one base model.
+
+    Args:
+        root: the library folder; created with an empty manifest when it does not exist.
+        model: the base model the experts adapt. Adding an expert checks it against this model's
+            modules; without a model the library can list, read and remove experts but not add.
+        base_model_id: the id recorded in the manifest and in each expert; defaults to the
+            model's ``config.name_or_path``.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], model: nn.Module | None = None, *, base_model_id: str | None = None) -> None:
+        self.root = Path(root).expanduser()
+        self._module_shapes = linear_module_shapes(model) if model is not None else None
+        if base_model_id is None and model is not None:
+            base_model_id = getattr(getattr(model, "config", None), "name_or_path", None)
+        self.base_model_id = base_model_id or "unknown"
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(self.root / ".lock"))
+        with self._lock:
+            self._open_manifest()
+            shutil.rmtree(self.root / _STAGING, ignore_errors=True)
+
+    # Reading
+
+    @property
+    def revision(self) -> int:
+        """A counter bumped by every add and remove; it only grows."""
+        return int(self._read_manifest()["revision"])
+
+    def names(self) -> list[str]:
+        return sorted(
+            entry.name
+            for entry in self.root.iterdir()
+            if entry.is_dir() and EXPERT_NAME_PATTERN.match(entry.name) and (entry / EXPERT_FILE).is_file()
+        )
+
+    def list(self) -> list[ExpertInfo]:
+        return [self.get(name) for name in self.names()]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and EXPERT_NAME_PATTERN.match(name) is not None and (self.root / name / EXPERT_FILE).is_file()
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def __iter__(self) -> Iterator[ExpertInfo]:
+        return iter(self.list())
+
+    def get(self, name: str) -> ExpertInfo:
+        """Return the metadata of expert ``name``; raise :class:`ExpertNotFoundError` if absent."""
+        path = self._expert_path(name) / EXPERT_FILE
+        try:
+            return ExpertInfo.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, TypeError) as error:
+            raise LibraryFormatError(f"cannot read {path}: {error}") from error
+
+    def path(self, name: str) -> Path:
+        """Return the folder of expert ``name``, a PEFT adapter folder."""
+        return self._expert_path(name)
+
+    def load(self, name: str) -> LoadedExpert:
+        """Read expert ``name``'s factors and prototypes, recomputing prototypes stored with another config."""
+        folder = self._expert_path(name)
+        info = self.get(name)
+        shapes = self._module_shapes or _shapes_from_weights(folder)
+        try:
+            adapter = read_adapter(name, folder, shapes)
+        except InvalidExpertError as error:
+            raise LibraryFormatError(f"stored expert {name!r} no longer loads: {error}") from error
+
+        try:
+            prototypes = load_prototypes(folder / ARROW_FILE)
+        except LibraryFormatError as error:
+            logger.warning("recomputing Arrow prototypes of expert %s: %s", name, error)
+            prototypes = compute_prototypes(adapter.modules)
+            with self._lock:
+                _atomic_save(folder / ARROW_FILE, lambda path: save_prototypes(path, prototypes))
+        return LoadedExpert(info, adapter.modules, {module: vector for module, (vector, _) in prototypes.items()})
+
+    # Writing
+
+    def add(
+        self,
+        name: str,
+        adapter_dir: str | os.PathLike[str],
+        *,
+        task: str | None = None,
+        description: str | None = None,
+        source_repo: str | None = None,
+        source_revision: str | None = None,
+    ) -> ExpertInfo:
+        """Validate the PEFT LoRA adapter in ``adapter_dir``, compute its prototypes and store it.
+
+        Raises:
+            InvalidExpertError: the adapter cannot adapt the base model (every problem listed).
+            ExpertExistsError: an expert called ``name`` exists.
+        """
+        check_expert_name(name)
+        if self._module_shapes is None:
+            raise InvalidExpertError(name, ["this library was opened without a base model, so experts cannot be checked; open it with the model"])
+        if name in self:
+            raise ExpertExistsError(name)
+
+        adapter_dir = Path(adapter_dir)
+        adapter = read_adapter(name, adapter_dir, self._module_shapes)
+        prototypes = compute_prototypes(adapter.modules)
+        zero = [module for module, (_, singular_value) in prototypes.items() if singular_value == 0.0]
+        if zero:
+            problems = [f"[{module}] the update B·A is all zero, so it has no direction to route on (an untrained adapter?)" for module in zero]
+            raise InvalidExpertError(name, problems)
+
+        adapter_base = adapter.config.get("base_model_name_or_path")
+        info = ExpertInfo(
+            name=name,
+            base_model=self.base_model_id,
+            rank=adapter.rank,
+            alpha=adapter.alpha,
+            target_modules=sorted({module.rsplit(".", 1)[-1] for module in adapter.modules}),
+            module_count=len(adapter.modules),
+            weights_sha256=adapter.weights_sha256,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            task=task,
+            description=description,
+            adapter_base_model=adapter_base if adapter_base != self.base_model_id else None,
+            source_repo=source_repo,
+            source_revision=source_revision,
+        )
+
+        with self._lock:
+            if name in self:
+                raise ExpertExistsError(name)
+            staging = self._new_staging_dir()
+            try:
+                shutil.copyfile(adapter_dir / CONFIG_FILE, staging / CONFIG_FILE)
+                shutil.copyfile(adapter_dir / WEIGHTS_FILE, staging / WEIGHTS_FILE)
+                (staging / EXPERT_FILE).write_text(json.dumps(info.to_json(), indent=2) + "\n", encoding="utf-8")
+                save_prototypes(staging / ARROW_FILE, prototypes)
+                os.replace(staging, self.root / name)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            self._bump_revision()
+        logger.info("added expert %s (%d modules, rank %d)", name, info.module_count, info.rank)
+        return info
+
+    def remove(self, name: str) -> None:
+        """Delete expert ``name``; raise :class:`ExpertNotFoundError` if absent."""
+        with self._lock:
+            folder = self._expert_path(name)
+            # Renaming first makes the removal atomic for readers: the expert vanishes in one step.
+            trash = self._new_staging_dir()
+            os.replace(folder, trash / name)
+            self._bump_revision()
+            shutil.rmtree(trash, ignore_errors=True)
+        logger.info("removed expert %s", name)
+
+    # Internals
+
+    def _expert_path(self, name: str) -> Path:
+        if name not in self:
+            raise ExpertNotFoundError(name, self.names())
+        return self.root / name
+
+    def _new_staging_dir(self) -> Path:
+        base = self.root / _STAGING
+        base.mkdir(exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=uuid.uuid4().hex[:8], dir=base))
+
+    def _read_manifest(self) -> dict:
+        path = self.root / MANIFEST_FILE
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise LibraryFormatError(f"cannot read the library manifest {path}: {error}") from error
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("revision"), int):
+            raise LibraryFormatError(f"{path} is not a Quiver manifest: expected a JSON object with an integer 'revision'")
+        return manifest
+
+    def _open_manifest(self) -> None:
+        path = self.root / MANIFEST_FILE
+        if not path.exists():
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "base_model": self.base_model_id,
+                "revision": 0,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            self._write_manifest(manifest)
+            self._write_card()
+            return
+        manifest = self._read_manifest()
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise LibraryFormatError(f"{path} has format version {manifest.get('format_version')!r}; this Quiver reads version {FORMAT_VERSION}")
+        if self._module_shapes is not None and manifest.get("base_model") != self.base_model_id:
+            # Experts are checked by module shapes when loaded, so a renamed copy of the same model still works.
+            logger.warning("library %s was created for base model %s, now opened with %s", self.root, manifest.get("base_model"), self.base_model_id)
+
+    def _write_manifest(self, manifest: dict) -> None:
+        text = json.dumps(manifest, indent=2) + "\n"
+        _atomic_save(self.root / MANIFEST_FILE, lambda path: path.write_text(text, encoding="utf-8"))
+
+    def _bump_revision(self) -> None:
+        manifest = self._read_manifest()
+        manifest["revision"] += 1
+        self._write_manifest(manifest)
+        self._write_card()
+
+    def _write_card(self) -> None:
+        text = render_model_card(self.base_model_id, self.list())
+        _atomic_save(self.root / CARD_FILE, lambda path: path.write_text(text, encoding="utf-8"))
+
+
+def render_model_card(base_model: str, experts: list[ExpertInfo]) -> str:
+    """Return the library's README.md: YAML front matter for the Hub, then a table of experts."""
+    lines = [
+        "---",
+        "library_name: peft",
+        f"base_model: {json.dumps(base_model)}",
+        "tags:",
+        "  - lora",
+        "  - arrow-routing",
+        "  - quiver",
+        "---",
+        "",
+        "# Quiver expert library",
+        "",
+        f"LoRA experts for `{base_model}`, one PEFT adapter per folder, routed per token with Arrow.",
+        "",
+        "| expert | task | rank | modules |",
+        "| --- | --- | --- | --- |",
+    ]
+    for info in experts:
+        lines.append(f"| {info.name} | {info.task or ''} | {info.rank} | {', '.join(info.target_modules)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_save(path: Path, write) -> None:
+    """Call ``write(temporary_path)`` and rename the result over ``path``."""
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _shapes_from_weights(folder: Path) -> dict[str, tuple[int, int]]:
+    """Derive module shapes from a stored adapter's own tensors, for libraries opened without a model."""
+    from safetensors.torch import load_file
+
+    shapes: dict[str, tuple[int, int]] = {}
+    factors = load_file(folder / WEIGHTS_FILE)
+    for key, tensor in factors.items():
+        module = key.removeprefix("base_model.model.").split(".lora_")[0]
+        d_in, d_out = shapes.get(module, (0, 0))
+        if ".lora_A" in key:
+            d_in = tensor.shape[1]
+        else:
+            d_out = tensor.shape[0]
+        shapes[module] = (d_in, d_out)
+    return shapes

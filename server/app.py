@@ -1,0 +1,50 @@
+"""The FastAPI application: ``create_app(settings)`` builds it, its lifespan loads the model once."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+
+from .engine import Engine
+from .errors import install_error_handlers
+from .routes import experts, generate, health
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> FastAPI:
+    """Build the Quiver server application.
+
+    Args:
+        settings: server settings; defaults to :meth:`Settings.from_env`.
+        engine: an engine to serve instead of loading one at startup (tests share one this way).
+    """
+    settings = settings or Settings.from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.engine = engine or Engine(settings)
+        logger.info("serving %s with library %s", app.state.engine.base_model_id, settings.resolved_library_dir)
+        yield
+        logger.info("server stopped")
+
+    app = FastAPI(title="Quiver", summary="LoRA experts routed per token with Arrow", lifespan=lifespan)
+    app.state.settings = settings
+
+    @app.middleware("http")
+    async def assign_request_id(request: Request, call_next):
+        request.state.request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+        response = await call_next(request)
+        response.headers["X-Request-ID"] = request.state.request_id
+        return response
+
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(experts.router)
+    app.include_router(generate.router)
+    return app

@@ -1,0 +1,120 @@
+"""The ``quiver`` command line: ``quiver serve``, ``quiver train`` and ``quiver demo``.
+
+Heavy imports (torch, transformers) happen inside the commands that need them, so ``--help``
+stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .settings import Settings
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server settings (each also read from the QUIVER_<NAME> environment variable)")
+    group.add_argument("--library-dir", type=Path, help="expert library folder (default: <cache-dir>/library)")
+    group.add_argument("--base-model", help="transformers causal LM id or local path (default: the embedded SmolLM2-135M-Instruct)")
+    group.add_argument("--cache-dir", type=Path, help="cache folder for the converted embedded model and demo experts (default: ~/.cache/quiver)")
+    group.add_argument("--device", help="'auto', 'cpu', 'cuda' or 'cuda:N' (default: auto)")
+    group.add_argument("--dtype", help="'auto', 'float32', 'bfloat16' or 'float16' (default: auto)")
+    group.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens a request may ask for, in tokens (default: 512)")
+    group.add_argument("--max-input-tokens", type=int, help="longest prompt accepted, in tokens (default: 4096)")
+    group.add_argument("--max-upload-mb", type=int, help="largest adapter weights file accepted, in MiB (default: 512)")
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(
+        library_dir=args.library_dir,
+        base_model=args.base_model,
+        cache_dir=args.cache_dir,
+        device=args.device,
+        dtype=args.dtype,
+        max_new_tokens=args.max_new_tokens,
+        max_input_tokens=args.max_input_tokens,
+        max_upload_mb=args.max_upload_mb,
+        host=getattr(args, "host", None),
+        port=getattr(args, "port", None),
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    settings = _settings_from(args)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .demo import train_command
+
+    return train_command(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(_settings_from(args), port=args.port, serve=args.serve, retrain=args.retrain)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quiver", description="Serve a library of LoRA experts with per-token Arrow routing.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the HTTP server", description="Run the Quiver HTTP server.")
+    serve.add_argument("--host", help="address to listen on (default: 127.0.0.1; QUIVER_HOST)")
+    serve.add_argument("--port", type=int, help="TCP port to listen on (default: 8000; QUIVER_PORT)")
+    _add_settings_flags(serve)
+    serve.set_defaults(handler=_serve)
+
+    train = commands.add_parser("train", help="train a demo skill expert with PEFT", description="Train a LoRA expert on one of the built-in demo skills.")
+    train.add_argument("skill", help="the skill to train (see --list)", nargs="?")
+    train.add_argument("--list", action="store_true", help="list the built-in skills and exit")
+    train.add_argument("--output", type=Path, help="folder to write the PEFT adapter to (default: ./adapters/<skill>)")
+    train.add_argument("--steps", type=int, help="optimizer steps (default: the demo's setting)")
+    train.add_argument("--rank", type=int, help="LoRA rank (default: the demo's setting)")
+    train.add_argument("--learning-rate", type=float, help="AdamW learning rate (default: the demo's setting)")
+    train.add_argument("--seed", type=int, default=0, help="random seed for data and initialization (default: 0)")
+    train.add_argument("--base-model", help="transformers causal LM id or local path (default: the embedded model)")
+    train.add_argument("--cache-dir", type=Path, help="cache folder for the converted embedded model (default: ~/.cache/quiver)")
+    train.set_defaults(handler=_train)
+
+    demo = commands.add_parser(
+        "demo",
+        help="train the demo experts, start a server and route one prompt per skill",
+        description="Train (or reuse) the demo skill experts, start a server on 127.0.0.1, upload the experts "
+        "through the client and print each skill's routed answer.",
+    )
+    demo.add_argument("--port", type=int, default=0, help="TCP port for the demo server (default: a free port)")
+    demo.add_argument("--serve", action="store_true", help="keep serving the demo library after the demo, until Ctrl-C")
+    demo.add_argument("--retrain", action="store_true", help="train the demo experts again even if cached")
+    _add_settings_flags(demo)
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # noqa: BLE001 - the CLI prints one line instead of a traceback.
+        from quiver.library import QuiverError
+
+        if isinstance(error, (QuiverError, ValueError, OSError)):
+            print(f"quiver: error: {error}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

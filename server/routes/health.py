@@ -1,0 +1,16 @@
+"""``/health``: whether the server is up, and what it serves."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from quiver.client.models import Health
+
+from ..deps import EngineDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", response_model=Health)
+def health(engine: EngineDep) -> Health:
+    return Health(status="ok", base_model=engine.base_model_id, device=str(engine.device), experts=len(engine.library))

@@ -1,0 +1,69 @@
+"""Server settings, read from ``QUIVER_*`` environment variables and overridable by CLI flags."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+
+def _default_cache_dir() -> Path:
+    return Path("~/.cache/quiver").expanduser()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs to start. Each field has an environment variable ``QUIVER_<FIELD>``."""
+
+    cache_dir: Path = _default_cache_dir()
+    """Where the embedded model is converted to and demo experts are cached."""
+    library_dir: Path | None = None
+    """The expert library folder; defaults to ``<cache_dir>/library``."""
+    base_model: str | None = None
+    """A transformers causal LM id or local path; None serves the embedded SmolLM2-135M-Instruct."""
+    device: str = "auto"
+    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
+    dtype: str = "auto"
+    """'auto' (bfloat16 on CUDA, float32 on the CPU), 'float32', 'bfloat16' or 'float16'."""
+    max_new_tokens: int = 512
+    """The largest ``max_new_tokens`` a request may ask for."""
+    max_input_tokens: int = 4096
+    """The longest prompt accepted, in tokens."""
+    max_upload_mb: int = 512
+    """The largest adapter weights file accepted, in MiB."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @property
+    def resolved_library_dir(self) -> Path:
+        return Path(self.library_dir).expanduser() if self.library_dir else Path(self.cache_dir).expanduser() / "library"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Build settings from ``environ`` (default ``os.environ``), then apply non-None ``overrides``.
+
+        Raises:
+            ValueError: a variable holds a value of the wrong type, named in the message.
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for field in fields(cls):
+            variable = f"QUIVER_{field.name.upper()}"
+            raw = environ.get(variable)
+            if raw is None or raw == "":
+                continue
+            values[field.name] = _parse(variable, raw, field.default)
+        settings = cls(**values)
+        return replace(settings, **{key: value for key, value in overrides.items() if value is not None})
+
+
+def _parse(variable: str, raw: str, default: object) -> object:
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{variable}={raw!r} is invalid: expected an integer") from None
+    if isinstance(default, Path) or variable in ("QUIVER_LIBRARY_DIR",):
+        return Path(raw).expanduser()
+    return raw
