@@ -70,12 +70,19 @@ class LoraAdapter:
 
 
 def linear_module_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """Return (D_in, D_out) of every ``nn.Linear`` in ``model``, keyed by module name."""
-    return {
-        name: (module.in_features, module.out_features)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-    }
+    """Return (D_in, D_out) of every ``nn.Linear`` in ``model``, keyed by module name.
+
+    A linear layer already wrapped for routing counts under the wrapper's name, so the shapes are
+    the same before and after routing is installed.
+    """
+    shapes = {}
+    for name, module in model.named_modules():
+        if not (isinstance(module, nn.Linear) or getattr(module, "wraps_linear", False)):
+            continue
+        if name.rpartition(".")[0] in shapes:
+            continue  # the base layer inside a routing wrapper, already counted under the wrapper's name
+        shapes[name] = (module.in_features, module.out_features)
+    return shapes
 
 
 def sha256_file(path: Path) -> str:

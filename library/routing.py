@@ -106,6 +106,8 @@ class _RouterState:
 class RoutedLinear(nn.Module):
     """A linear layer whose output adds the Arrow-routed updates of the experts adapting it."""
 
+    wraps_linear = True
+
     def __init__(self, base: nn.Linear, state: _RouterState) -> None:
         super().__init__()
         self.base = base

@@ -43,6 +43,9 @@ def error_response(request: Request, status: int, code: str, detail: str, proble
 
 
 def _describe_validation_error(error: dict) -> str:
+    if error.get("type") == "json_invalid":
+        reason = (error.get("ctx") or {}).get("error", "malformed JSON")
+        return f"body: the request body is not valid JSON ({reason}); send a JSON object"
     location = ".".join(str(part) for part in error.get("loc", ()))
     message = error.get("msg", "invalid value")
     if "input" in error and error.get("type") != "missing":

@@ -78,3 +78,19 @@ def library_snapshot(root: Path) -> dict[str, bytes]:
         for path in sorted(Path(root).rglob("*"))
         if path.is_file() and path.name != ".lock"
     }
+
+
+TINY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 :.,?!\n"
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer whose ids fit :func:`tiny_llama`'s vocabulary, built offline."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<pad>", "<eos>"]
+    vocab = {token: index for index, token in enumerate(specials + list(TINY_ALPHABET))}
+    assert len(vocab) <= TINY_VOCAB
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")

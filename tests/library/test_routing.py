@@ -210,3 +210,14 @@ def test_experts_with_different_modules(model, tmp_path):
     assert router.layers["model.layers.0.mlp.down_proj"].expert_names == ["mlp"]
     with torch.no_grad(), router.routing(RoutingSettings()):
         model(torch.randint(0, TINY_VOCAB, (1, 5)))
+
+
+def test_module_shapes_unchanged_by_routing(model, tmp_path):
+    from quiver.library import linear_module_shapes
+
+    before = linear_module_shapes(model)
+    library = ExpertLibrary(tmp_path / "library", model)
+    library.add("only", make_adapter(model, tmp_path / "adapter"))
+    _routed(model, library)
+
+    assert linear_module_shapes(model) == before
