@@ -8,8 +8,8 @@ right-singular vector of B·A. It is computed exactly without forming the (D_out
 3. B·A = U·S·(Q·V)ᵀ, so the prototype is Q times M's top right-singular vector.
 
 Cost O((D_in + D_out)·R²) per module, in float32. The sign of a singular vector is arbitrary,
-so routing uses ``|v·x|``; the sign is still fixed (largest entry positive) so that stored files
-are reproducible. Prototypes are stored per expert in ``arrow.safetensors``::
+so routing uses ``|v·x|``. The stored sign is still fixed (largest entry positive), so that the
+same adapter always gives the same file. Prototypes are stored per expert in ``arrow.safetensors``::
 
     <module>.prototype        float32 (D_in,)  unit vector
     <module>.singular_value   float32 (1,)     top singular value of B·A (without the LoRA scale)

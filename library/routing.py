@@ -42,7 +42,7 @@ class InvalidRoutingError(QuiverError, ValueError):
 
 @dataclass(frozen=True)
 class RoutingSettings:
-    """How one forward pass routes tokens.
+    """Routing settings of one forward pass.
 
     ``experts`` narrows the experts in scope: None means every expert in the library, an empty
     tuple means the base model alone.
@@ -64,7 +64,7 @@ class RoutingRecorder:
 
     Each routed module reports, for every sequence, the weights of the last position of its
     input: in generation that is the position whose output predicts the next token, so over a
-    whole ``generate`` call the recorder sees exactly the computations that produced the
+    whole ``generate`` call the recorder receives exactly the computations that produced the
     generated tokens.
     """
 
@@ -83,13 +83,13 @@ class RoutingRecorder:
         self.decisions += weights.shape[0]
 
     def mean_weights(self) -> dict[str, float]:
-        """Each expert's weight averaged over all decisions (modules × positions); sums to 1."""
+        """Return each expert's weight averaged over all decisions (modules × positions), summing to 1."""
         if not self.decisions:
             return {}
         return {name: total / self.decisions for name, total in sorted(self._weight_sums.items())}
 
     def top1_shares(self) -> dict[str, float]:
-        """The share of decisions in which each expert had the largest weight."""
+        """Return the share of decisions in which each expert had the largest weight."""
         if not self.decisions:
             return {}
         return {name: count / self.decisions for name, count in sorted(self._top1_counts.items())}
