@@ -6,6 +6,8 @@ agree on the wire format. This module needs only pydantic.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -18,6 +20,16 @@ class _Strict(BaseModel):
 class RoutingParameters(_Strict):
     """How tokens are routed across the experts for one request."""
 
+    method: Literal["arrow", "centered", "normalized", "sequence", "hybrid"] | None = Field(
+        None,
+        description="scoring method: 'arrow' |v·x| per token; 'centered' |v·(x−μ)|; 'normalized' the centred "
+        "score over ‖x−μ‖; 'sequence' one mix per request from the prompt; 'hybrid' per-token plus sequence; "
+        "null for the server's default",
+    )
+    pooling: Literal["module", "vote"] = Field(
+        "module", description="sequence and hybrid methods: one mix per module, or one vote across all modules"
+    )
+    sequence_weight: float = Field(0.5, ge=0, le=1, description="hybrid method: weight of the sequence-level logits")
     top_k: int = Field(4, ge=1, description="number of experts mixed per token and module (clamped to the experts in scope)")
     temperature: float = Field(1.0, gt=0, description="divides the Arrow logits |v·x| before the softmax")
     experts: list[str] | None = Field(None, description="experts in scope; null for all, an empty list for the base model alone")

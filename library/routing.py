@@ -36,8 +36,22 @@ DEFAULT_TOP_K = 4
 DEFAULT_TEMPERATURE = 1.0
 
 
+ROUTING_METHODS = ("arrow", "centered", "normalized", "sequence", "hybrid")
+"""Scoring methods, each selectable per request:
+
+- ``arrow``: ℓ_e = |v_e·x|, plain Arrow, per token;
+- ``centered``: ℓ_e = |v_e·(x − μ)|, with μ the base model's mean input to the module, per token;
+- ``normalized``: ℓ_e = |v_e·(x − μ)| / ‖x − μ‖, the centred score as a cosine, per token;
+- ``sequence``: one mix per request, from the ``normalized`` scores averaged over the prompt
+  tokens and applied to every token (``pooling`` picks per-module mixes or one vote across modules);
+- ``hybrid``: per token, ``(1 − sequence_weight)·normalized + sequence_weight·sequence`` logits.
+"""
+
+POOLING_MODES = ("module", "vote")
+
+
 class InvalidRoutingError(QuiverError, ValueError):
-    """Routing settings that cannot be applied (k below 1, temperature not positive)."""
+    """Routing settings that cannot be applied (unknown method, k below 1, temperature not positive)."""
 
 
 @dataclass(frozen=True)
@@ -45,18 +59,36 @@ class RoutingSettings:
     """Routing settings of one forward pass.
 
     ``experts`` narrows the experts in scope: None means every expert in the library, an empty
-    tuple means the base model alone.
+    tuple means the base model alone. ``pooling`` and ``sequence_weight`` apply to the
+    ``sequence`` and ``hybrid`` methods only.
     """
 
     top_k: int = DEFAULT_TOP_K
     temperature: float = DEFAULT_TEMPERATURE
     experts: tuple[str, ...] | None = None
+    method: str = "arrow"
+    pooling: str = "module"
+    sequence_weight: float = 0.5
 
     def __post_init__(self) -> None:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
             raise InvalidRoutingError(f"top_k is {self.top_k!r}; expected an integer of at least 1")
         if not self.temperature > 0:
             raise InvalidRoutingError(f"temperature is {self.temperature!r}; expected a number above 0")
+        if self.method not in ROUTING_METHODS:
+            raise InvalidRoutingError(f"method is {self.method!r}; expected one of {', '.join(ROUTING_METHODS)}")
+        if self.pooling not in POOLING_MODES:
+            raise InvalidRoutingError(f"pooling is {self.pooling!r}; expected one of {', '.join(POOLING_MODES)}")
+        if not 0 <= self.sequence_weight <= 1:
+            raise InvalidRoutingError(f"sequence_weight is {self.sequence_weight!r}; expected a number from 0 to 1")
+
+    @property
+    def needs_input_means(self) -> bool:
+        return self.method != "arrow"
+
+    @property
+    def needs_prompt_scores(self) -> bool:
+        return self.method in ("sequence", "hybrid")
 
 
 class RoutingRecorder:
@@ -73,14 +105,15 @@ class RoutingRecorder:
         self._top1_counts: dict[str, int] = defaultdict(int)
         self.decisions = 0
 
-    def record(self, expert_names: Sequence[str], weights: torch.Tensor) -> None:
-        """Add one decision per row of ``weights`` (rows, E), dense over ``expert_names``."""
-        sums = weights.detach().float().sum(dim=0).tolist()  # (E,)
-        top1 = torch.bincount(weights.argmax(dim=-1), minlength=len(expert_names)).tolist()  # (E,)
+    def record(self, module: str, expert_names: Sequence[str], weights: torch.Tensor) -> None:
+        """Add one decision per sequence from ``weights`` (B, T, E), dense over ``expert_names``."""
+        last = weights[:, -1].detach().float()  # (B, E)
+        sums = last.sum(dim=0).tolist()  # (E,)
+        top1 = torch.bincount(last.argmax(dim=-1), minlength=len(expert_names)).tolist()  # (E,)
         for name, total, count in zip(expert_names, sums, top1):
             self._weight_sums[name] += total
             self._top1_counts[name] += count
-        self.decisions += weights.shape[0]
+        self.decisions += last.shape[0]
 
     def mean_weights(self) -> dict[str, float]:
         """Return each expert's weight averaged over all decisions (modules × positions), summing to 1."""
@@ -101,6 +134,7 @@ class _RouterState:
     def __init__(self) -> None:
         self.settings = RoutingSettings()
         self.recorder: RoutingRecorder | None = None
+        self.scoring_mask: torch.Tensor | None = None  # (B, T) while a prompt scoring pass runs
 
 
 class RoutedLinear(nn.Module):
@@ -108,16 +142,23 @@ class RoutedLinear(nn.Module):
 
     wraps_linear = True
 
-    def __init__(self, base: nn.Linear, state: _RouterState) -> None:
+    def __init__(self, name: str, base: nn.Linear, state: _RouterState) -> None:
         super().__init__()
+        self.name = name
         self.base = base
         self._state = state
         self.expert_names: list[str] = []
         self._position: dict[str, int] = {}
         self.lora_a = nn.ParameterList()  # E × (R_e, D_in)
         self.lora_b = nn.ParameterList()  # E × (D_out, R_e)
+        weight = base.weight
         self.register_buffer("scales", torch.empty(0), persistent=False)  # (E,)
         self.register_buffer("prototypes", torch.empty(0, base.in_features), persistent=False)  # (E, D_in)
+        self.register_buffer("input_mean", torch.zeros(base.in_features, device=weight.device, dtype=weight.dtype), persistent=False)  # (D_in,)
+        # Prompt scores of the experts in scope, (B, E): pooled by a scoring pass, then the
+        # per-sequence logits that the sequence and hybrid methods apply to every token.
+        self.prompt_scores: torch.Tensor | None = None
+        self.sequence_logits: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -144,23 +185,60 @@ class RoutedLinear(nn.Module):
         else:
             self.prototypes = torch.empty(0, self.base.in_features, device=weight.device, dtype=weight.dtype)
 
-    def _scope(self, experts: tuple[str, ...] | None) -> list[int]:
+    def set_input_mean(self, mean: torch.Tensor | None) -> None:
+        """Set μ, the base model's mean input to this layer; None sets zeros (plain Arrow)."""
+        weight = self.base.weight
+        if mean is None:
+            self.input_mean = torch.zeros(self.base.in_features, device=weight.device, dtype=weight.dtype)
+        else:
+            self.input_mean = mean.to(weight.device, weight.dtype)  # (D_in,)
+
+    def scope(self, experts: tuple[str, ...] | None) -> list[int]:
+        """Return the indices of this layer's experts that are in ``experts`` (None: all)."""
         if experts is None:
             return list(range(len(self.expert_names)))
         return [self._position[name] for name in experts if name in self._position]
 
+    def token_logits(self, flat: torch.Tensor, scope: list[int], method: str) -> torch.Tensor:
+        """Return the unscaled logits (N, E) of the tokens ``flat`` (N, D_in) for the experts in ``scope``."""
+        prototypes = self.prototypes[torch.tensor(scope, device=flat.device)]  # (E, D_in)
+        if method == "arrow":
+            return (flat @ prototypes.T).abs()  # (N, E)
+        centered = flat - self.input_mean  # (N, D_in)
+        logits = (centered @ prototypes.T).abs()  # (N, E)
+        if method == "centered":
+            return logits
+        return logits / centered.norm(dim=-1, keepdim=True).clamp_min(1e-6)  # (N, E)
+
+    def _routing_logits(self, x: torch.Tensor, flat: torch.Tensor, scope: list[int]) -> torch.Tensor:
+        settings = self._state.settings
+        if settings.method in ("arrow", "centered", "normalized"):
+            return self.token_logits(flat, scope, settings.method)  # (N, E)
+
+        if self.sequence_logits is None:
+            raise QuiverError(f"routing method {settings.method!r} needs the prompt scores; score the prompt first")
+        batch, length = x.shape[0], x.shape[1]
+        sequence = self.sequence_logits[:, None, :].expand(batch, length, -1).reshape(batch * length, -1)  # (N, E)
+        if settings.method == "sequence":
+            return sequence
+        token = self.token_logits(flat, scope, "normalized")  # (N, E)
+        return (1 - settings.sequence_weight) * token + settings.sequence_weight * sequence
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         output = self.base(x)
-        settings = self._state.settings
-        scope = self._scope(settings.experts)
+        state = self._state
+        settings = state.settings
+        scope = self.scope(settings.experts)
         if not scope:
             return output
 
         flat = x.reshape(-1, x.shape[-1])  # (N, D_in)
-        scope_index = torch.tensor(scope, device=x.device)  # (E,)
+        if state.scoring_mask is not None:
+            self._pool_prompt_scores(flat, scope, state.scoring_mask)
+            return output
 
-        # 1. Logits: alignment of each token with each prototype, sign ignored.
-        logits = (flat @ self.prototypes[scope_index].T).abs() / settings.temperature  # (N, E)
+        # 1. Logits of every expert in scope, per token.
+        logits = self._routing_logits(x, flat, scope) / settings.temperature  # (N, E)
 
         # 2. Top-k experts per token, softmax over the k kept.
         k = min(settings.top_k, len(scope))
@@ -178,13 +256,18 @@ class RoutedLinear(nn.Module):
             expert_output = hidden @ self.lora_b[expert].T  # (N_e, D_out)
             update.index_add_(0, tokens, expert_output * (weights[tokens, column] * self.scales[expert]).unsqueeze(-1))
 
-        recorder = self._state.recorder
-        if recorder is not None:
-            last = weights.reshape(*x.shape[:-1], len(scope))  # (..., T, E)
-            last = last.reshape(-1, last.shape[-2], len(scope))[:, -1] if x.dim() > 2 else last  # (B, E)
-            recorder.record([self.expert_names[index] for index in scope], last)
+        if state.recorder is not None:
+            names = [self.expert_names[index] for index in scope]
+            state.recorder.record(self.name, names, weights.reshape(*x.shape[:-1], len(scope)))
 
         return output + update.reshape(output.shape)
+
+    def _pool_prompt_scores(self, flat: torch.Tensor, scope: list[int], mask: torch.Tensor) -> None:
+        """Average the normalized logits over each prompt's tokens, ignoring padding."""
+        batch, length = mask.shape
+        logits = self.token_logits(flat, scope, "normalized").reshape(batch, length, -1).float()  # (B, T, E)
+        weights = mask.to(logits.dtype)[..., None]  # (B, T, 1)
+        self.prompt_scores = (logits * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)  # (B, E)
 
 
 class ArrowRouter:
@@ -200,6 +283,7 @@ class ArrowRouter:
         self.layers: dict[str, RoutedLinear] = {}
         self.expert_names: list[str] = []
         self.revision: int | None = None
+        self.input_means: dict[str, torch.Tensor] | None = None
 
     def load_experts(self, experts: Sequence[LoadedExpert], revision: int | None = None) -> None:
         """Place ``experts`` in the model, replacing whatever experts it had before."""
@@ -224,23 +308,39 @@ class ArrowRouter:
         self.revision = revision
         logger.info("routing across %d experts in %d modules", len(experts), len(by_module))
 
+    def set_input_means(self, means: dict[str, torch.Tensor]) -> None:
+        """Give every routed layer μ, its mean input in the base model, for the centred methods."""
+        self.input_means = dict(means)
+        for name, layer in self.layers.items():
+            layer.set_input_mean(self.input_means.get(name))
+
     def _wrap(self, module_name: str) -> None:
         base = self.model.get_submodule(module_name)
         if not isinstance(base, nn.Linear):
             raise QuiverError(f"module {module_name!r} is a {type(base).__name__}; only nn.Linear modules can be routed")
-        layer = RoutedLinear(base, self._state)
+        layer = RoutedLinear(module_name, base, self._state)
+        if self.input_means is not None:
+            layer.set_input_mean(self.input_means.get(module_name))
         self.model.set_submodule(module_name, layer)
         self.layers[module_name] = layer
 
     def check_settings(self, settings: RoutingSettings) -> None:
-        """Raise :class:`ExpertNotFoundError` for experts in ``settings`` that are not loaded."""
+        """Raise for experts in ``settings`` that are not loaded, or a method that lacks statistics."""
         for name in settings.experts or ():
             if name not in self.expert_names:
                 raise ExpertNotFoundError(name, self.expert_names)
+        if settings.needs_input_means and self.input_means is None:
+            raise InvalidRoutingError(
+                f"routing method {settings.method!r} needs the base model's input statistics, which are not loaded; "
+                "use method 'arrow' or load them with set_input_means"
+            )
 
     @contextlib.contextmanager
     def routing(self, settings: RoutingSettings, recorder: RoutingRecorder | None = None) -> Iterator[None]:
         """Route forward passes inside the block with ``settings``, reporting to ``recorder``.
+
+        For the ``sequence`` and ``hybrid`` methods, call :meth:`score_prompt` inside the block
+        before generating.
 
         NOTE: the settings apply to the whole model, so one routed forward pass serves one
         request's settings at a time; callers serialise requests.
@@ -252,3 +352,43 @@ class ArrowRouter:
             yield
         finally:
             self._state.settings, self._state.recorder = previous
+            for layer in self.layers.values():
+                layer.prompt_scores = None
+                layer.sequence_logits = None
+
+    @torch.no_grad()
+    def score_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """Decide the per-sequence expert mix of the sequence and hybrid methods from the prompts.
+
+        Runs the base model alone over ``input_ids`` (B, T), pools each layer's normalized scores
+        over the unpadded prompt tokens and stores the resulting logits in the layers. With
+        ``pooling="vote"``, every layer votes for its best expert and all layers share the vote
+        shares as logits. Does nothing for the other methods.
+        """
+        settings = self._state.settings
+        if not settings.needs_prompt_scores:
+            return
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        self._state.scoring_mask = mask
+        try:
+            self.model(input_ids=input_ids, attention_mask=mask)
+        finally:
+            self._state.scoring_mask = None
+
+        active = [layer for layer in self.layers.values() if layer.prompt_scores is not None]
+        if settings.pooling == "module":
+            for layer in active:
+                layer.sequence_logits = layer.prompt_scores.to(layer.weight.dtype)
+            return
+
+        names = sorted({name for layer in active for name in (layer.expert_names[i] for i in layer.scope(settings.experts))})
+        column = {name: index for index, name in enumerate(names)}
+        votes = torch.zeros(input_ids.shape[0], len(names))  # (B, E_all)
+        for layer in active:
+            layer_names = [layer.expert_names[i] for i in layer.scope(settings.experts)]
+            winners = layer.prompt_scores.argmax(dim=-1).cpu()  # (B,)
+            votes[torch.arange(votes.shape[0]), torch.tensor([column[layer_names[w]] for w in winners.tolist()])] += 1
+        shares = votes / votes.sum(dim=-1, keepdim=True).clamp_min(1)  # (B, E_all)
+        for layer in active:
+            layer_columns = [column[layer.expert_names[i]] for i in layer.scope(settings.experts)]
+            layer.sequence_logits = shares[:, layer_columns].to(layer.weight.device, layer.weight.dtype)  # (B, E)

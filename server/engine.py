@@ -24,6 +24,7 @@ from quiver.library import (
     RoutingSettings,
     load_base_model,
 )
+from quiver.library.statistics import load_or_compute_input_means
 
 from .settings import Settings
 
@@ -56,6 +57,8 @@ class Engine:
         self._lock = threading.Lock()
         with self._lock:
             self._refresh()
+            with torch.inference_mode(), self.router.routing(RoutingSettings(experts=())):
+                self.router.set_input_means(load_or_compute_input_means(self.library.root, self.model, self.tokenizer))
 
     @property
     def device(self) -> torch.device:
@@ -97,6 +100,9 @@ class Engine:
             top_k=routing.top_k,
             temperature=routing.temperature,
             experts=None if routing.experts is None else tuple(routing.experts),
+            method=routing.method or self.settings.routing_method,
+            pooling=routing.pooling,
+            sequence_weight=routing.sequence_weight,
         )
         sampling = {"do_sample": parameters.do_sample}
         if parameters.do_sample:
@@ -107,6 +113,7 @@ class Engine:
         with self._lock:
             self._refresh()
             with torch.inference_mode(), self.router.routing(settings, recorder):
+                self.router.score_prompt(encoded["input_ids"], encoded["attention_mask"])
                 if parameters.seed is not None:
                     torch.manual_seed(parameters.seed)
                 output = self.model.generate(

@@ -26,6 +26,8 @@ class Settings:
     """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
     dtype: str = "auto"
     """'auto' (bfloat16 on CUDA, float32 on the CPU), 'float32', 'bfloat16' or 'float16'."""
+    routing_method: str = "arrow"
+    """The routing method of requests that name none (see ``quiver.library.routing.ROUTING_METHODS``)."""
     max_new_tokens: int = 512
     """The largest ``max_new_tokens`` a request may ask for."""
     max_input_tokens: int = 4096
