@@ -1,4 +1,4 @@
-"""The ``quiver`` command line: ``quiver serve``, ``quiver train`` and ``quiver demo``.
+"""The ``quiver`` command line: ``quiver serve``, ``quiver train``, ``quiver demo`` and ``quiver eval``.
 
 Heavy imports (torch, transformers) happen inside the commands that need them, so ``--help``
 stays fast.
@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--retrain", action="store_true", help="train the demo experts again even if cached")
     _add_settings_flags(demo)
     demo.set_defaults(handler=_demo)
+
+    from .evaluate import add_eval_parser
+
+    add_eval_parser(commands)
     return parser
 
 
