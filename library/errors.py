@@ -7,6 +7,7 @@ standard library can still catch it::
     ├── InvalidExpertError (ValueError)      the adapter cannot be served; lists every problem
     │   └── InvalidExpertNameError           the name breaks the naming rule
     ├── ExpertNotFoundError (KeyError)       no expert of that name in the library
+    ├── SkillNotFoundError (KeyError)        no demo skill of that name
     ├── ExpertExistsError (FileExistsError)  the name is taken
     ├── LibraryFormatError (ValueError)      the library folder or a stored file is damaged
     └── BaseModelError (OSError)             the base model cannot be found or loaded
@@ -24,7 +25,7 @@ class QuiverError(Exception):
 class InvalidExpertError(QuiverError, ValueError):
     """An adapter that cannot be added, with every problem found in it.
 
-    ``problems`` holds one line per problem, each naming the module and the values involved.
+    ``problems`` contains one line per problem, each naming the module and the values involved.
     """
 
     def __init__(self, expert: str, problems: Sequence[str]) -> None:
@@ -47,6 +48,18 @@ class ExpertNotFoundError(QuiverError, KeyError):
         self.name = name
         hint = f"available: {', '.join(sorted(available))}" if available else "the library is empty"
         self.message = f"expert {name!r} not found ({hint})"
+        super().__init__(self.message)
+
+    def __str__(self) -> str:  # KeyError would otherwise wrap the message in quotes.
+        return self.message
+
+
+class SkillNotFoundError(QuiverError, KeyError):
+    """No demo skill of the requested name exists."""
+
+    def __init__(self, name: str, available: Sequence[str]) -> None:
+        self.name = name
+        self.message = f"skill {name!r} not found (available: {', '.join(sorted(available))})"
         super().__init__(self.message)
 
     def __str__(self) -> str:  # KeyError would otherwise wrap the message in quotes.
