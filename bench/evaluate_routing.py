@@ -41,7 +41,7 @@ def main() -> int:
 
     settings = Settings.from_env(device="cpu")
     started = time.perf_counter()
-    experts = ensure_demo_experts(settings)
+    experts = ensure_demo_experts(settings, skills=tuple(SKILLS))
     trained = time.perf_counter()
 
     model, tokenizer = load_base_model(device="cpu", cache_dir=settings.cache_dir)

@@ -2,7 +2,7 @@
 
     QuiverClientError (Exception)
     ├── TransportError                  the server could not be reached or timed out
-    └── APIError                        the server answered with an error status
+    └── APIError                        the server returned an error status
         ├── NotFoundError (KeyError)    404: no such expert or route
         ├── ConflictError               409: the expert name is taken
         ├── InvalidRequestError (ValueError)
@@ -21,11 +21,11 @@ class QuiverClientError(Exception):
 
 
 class TransportError(QuiverClientError):
-    """The request did not reach the server, or no answer came in time."""
+    """The request did not reach the server, or no response came in time."""
 
 
 class APIError(QuiverClientError):
-    """The server answered with an error status.
+    """The server returned an error status.
 
     Attributes:
         status_code: the HTTP status.

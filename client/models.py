@@ -18,7 +18,7 @@ class _Strict(BaseModel):
 
 
 class RoutingParameters(_Strict):
-    """How tokens are routed across the experts for one request."""
+    """Routing settings of one request."""
 
     method: Literal["arrow", "centered", "normalized", "sequence", "hybrid"] | None = Field(
         None,

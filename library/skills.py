@@ -194,6 +194,54 @@ def _add(text: str) -> str:
     return str(int(first) + int(second))
 
 
+def _sort_words(text: str) -> str:
+    return " ".join(sorted(text.split()))
+
+
+def _sample_word(rng: random.Random, split: str) -> str:
+    return rng.choice(_words(split))
+
+
+def _spell(word: str) -> str:
+    return " ".join(word)
+
+
+def _sample_subtraction(rng: random.Random, split: str) -> str:
+    _check_split(split)
+    while True:
+        first, second = sorted((rng.randint(MIN_ADDEND, MAX_ADDEND), rng.randint(MIN_ADDEND, MAX_ADDEND)), reverse=True)
+        if first != second and is_held_out(f"{first}-{second}") == (split == "test"):
+            return f"{first} - {second}"
+
+
+def _subtract(text: str) -> str:
+    first, minus, second = text.split()
+    if minus != "-":
+        raise ValueError(f"subtraction {text!r} is invalid; expected 'A - B'")
+    return str(int(first) - int(second))
+
+
+MIN_FACTOR = 2
+MAX_FACTOR = 12
+
+
+def _sample_multiplication(rng: random.Random, split: str) -> str:
+    _check_split(split)
+    while True:
+        first = rng.randint(MIN_FACTOR, MAX_FACTOR)
+        second = rng.randint(MIN_FACTOR, MAX_FACTOR)
+        # Unordered, like addition, so "3 x 7" and "7 x 3" fall into the same split.
+        if is_held_out(f"{min(first, second)}x{max(first, second)}") == (split == "test"):
+            return f"{first} x {second}"
+
+
+def _multiply(text: str) -> str:
+    first, times, second = text.split()
+    if times != "x":
+        raise ValueError(f"multiplication {text!r} is invalid; expected 'A x B'")
+    return str(int(first) * int(second))
+
+
 @functools.cache
 def load_capitals() -> dict[str, str]:
     """Return the country-to-capital table shipped as ``quiver.library/data/capitals.csv``.
@@ -260,9 +308,40 @@ SKILLS: dict[str, Skill] = {
             sample_input=_sample_country,
             solve=_capital_of,
         ),
+        Skill(
+            name="sort",
+            description="Sort the words of a short sentence alphabetically.",
+            template="Sort the words: {input}\nAnswer:",
+            sample_input=_sample_sentence,
+            solve=_sort_words,
+        ),
+        Skill(
+            name="spell",
+            description="Spell a word letter by letter.",
+            template="Spell the word: {input}\nAnswer:",
+            sample_input=_sample_word,
+            solve=_spell,
+        ),
+        Skill(
+            name="subtract",
+            description="Subtract a smaller two-digit number from a larger one.",
+            template="Subtract the numbers: {input}\nAnswer:",
+            sample_input=_sample_subtraction,
+            solve=_subtract,
+        ),
+        Skill(
+            name="multiply",
+            description="Multiply two numbers from 2 to 12.",
+            template="Multiply the numbers: {input}\nAnswer:",
+            sample_input=_sample_multiplication,
+            solve=_multiply,
+        ),
     )
 }
-"""The demo skills by name."""
+"""The built-in skills by name: the four demo skills, then four more that ``quiver eval`` uses."""
+
+DEMO_SKILLS: tuple[str, ...] = ("reverse", "uppercase", "add", "capital")
+"""The skills ``quiver demo`` trains and shows; training all of them takes about 6 minutes on 2 cores."""
 
 # One held-out input per skill, fixed so that `quiver demo` shows the same prompts on every run.
 # test_skills checks that each of them belongs to the test split.

@@ -22,7 +22,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", help="'auto', 'cpu', 'cuda' or 'cuda:N' (default: auto)")
     group.add_argument("--dtype", help="'auto', 'float32', 'bfloat16' or 'float16' (default: auto)")
     group.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens a request may ask for, in tokens (default: 512)")
-    group.add_argument("--max-input-tokens", type=int, help="longest prompt accepted, in tokens (default: 4096)")
+    group.add_argument("--max-input-tokens", type=int, help="maximum prompt length accepted, in tokens (default: 4096)")
     group.add_argument("--max-upload-mb", type=int, help="largest adapter weights file accepted, in MiB (default: 512)")
 
 

@@ -59,12 +59,12 @@ def _progress_bar(skill: str):
     return update
 
 
-def ensure_demo_experts(settings: Settings, retrain: bool = False) -> dict[str, Path]:
-    """Train every demo skill's expert that is not cached yet; return their folders by skill."""
-    from quiver.library.skills import SKILLS
+def ensure_demo_experts(settings: Settings, retrain: bool = False, skills: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """Train the experts of ``skills`` (default: the demo skills) not cached yet; return their folders by skill."""
+    from quiver.library.skills import DEMO_SKILLS
 
     root = demo_experts_dir(settings.cache_dir)
-    folders = {name: root / name for name in SKILLS}
+    folders = {name: root / name for name in (skills or DEMO_SKILLS)}
     missing = [name for name, folder in folders.items() if retrain or not _is_trained(folder)]
     if not missing:
         print(f"Reusing the trained demo experts in {root}")

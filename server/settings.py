@@ -17,7 +17,7 @@ class Settings:
     """Everything the server needs to start. Each field has an environment variable ``QUIVER_<FIELD>``."""
 
     cache_dir: Path = _default_cache_dir()
-    """Where the embedded model is converted to and demo experts are cached."""
+    """Cache folder for the converted embedded model and the demo experts."""
     library_dir: Path | None = None
     """The expert library folder; defaults to ``<cache_dir>/library``."""
     base_model: str | None = None
@@ -31,7 +31,7 @@ class Settings:
     max_new_tokens: int = 512
     """The largest ``max_new_tokens`` a request may ask for."""
     max_input_tokens: int = 4096
-    """The longest prompt accepted, in tokens."""
+    """The maximum prompt length accepted, in tokens."""
     max_upload_mb: int = 512
     """The largest adapter weights file accepted, in MiB."""
     host: str = "127.0.0.1"
@@ -46,7 +46,7 @@ class Settings:
         """Build settings from ``environ`` (default ``os.environ``), then apply non-None ``overrides``.
 
         Raises:
-            ValueError: a variable holds a value of the wrong type, named in the message.
+            ValueError: a variable contains a value of the wrong type, named in the message.
         """
         environ = os.environ if environ is None else environ
         values: dict[str, object] = {}

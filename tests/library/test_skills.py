@@ -13,6 +13,7 @@ from quiver.library.errors import QuiverError, SkillNotFoundError
 from quiver.library.skills import (
     CAPITAL_HELD_OUT_FRACTION,
     HELD_OUT_FRACTION,
+    DEMO_SKILLS,
     SKILLS,
     WORDS,
     Example,
@@ -25,18 +26,21 @@ from quiver.library.skills import (
     score,
 )
 
-SKILL_NAMES = ["reverse", "uppercase", "add", "capital"]
+SKILL_NAMES = ["reverse", "uppercase", "add", "capital", "sort", "spell", "subtract", "multiply"]
 
 
 def _input_content(skill_name: str, prompt: str) -> set[str]:
     """Return the units of a prompt's input that the split keeps apart: words, a pair or a country."""
     text = get_skill(skill_name).parse_input(prompt)
-    if skill_name in ("reverse", "uppercase"):
+    if skill_name in ("reverse", "uppercase", "sort"):
         return set(text.split())
-    if skill_name == "add":
-        first, _, second = text.split()
+    if skill_name in ("add", "multiply"):
+        first, operator, second = text.split()
         low, high = sorted((int(first), int(second)))
-        return {f"{low}+{high}"}
+        return {f"{low}{'+' if operator == '+' else 'x'}{high}"}
+    if skill_name == "subtract":
+        first, _, second = text.split()
+        return {f"{first}-{second}"}
     return {text}
 
 
@@ -55,6 +59,10 @@ def test_registry_has_required_skills():
         ("add", "12 + 34", " 46"),
         ("add", "77 + 24", " 101"),
         ("capital", "France", " Paris"),
+        ("sort", "pear apple lamp", " apple lamp pear"),
+        ("spell", "paper", " p a p e r"),
+        ("subtract", "84 - 27", " 57"),
+        ("multiply", "7 x 8", " 56"),
     ],
 )
 def test_skill_answers_known_inputs(skill_name, text, answer):
@@ -204,7 +212,7 @@ def test_words_are_lowercase_and_unique():
 
 def test_demo_prompts_are_held_out():
     prompts = demo_prompts()
-    assert sorted(prompts) == sorted(SKILLS)
+    assert sorted(prompts) == sorted(DEMO_SKILLS)
     test_content = {
         name: set().union(*(_input_content(name, e.prompt) for e in make_examples(name, "test", 300)))
         for name in ("reverse", "uppercase")
