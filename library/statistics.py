@@ -7,7 +7,7 @@ module's inputs over a reference text shipped with Quiver (``data/reference.txt`
 English passages of mixed genres, questions and code), computed once per base model.
 
 The means are stored in the library as ``base_stats.safetensors``, with a fingerprint of the base
-model and the reference text in the header; a different fingerprint means a recomputation.
+model and the reference text in the header. A different fingerprint means a recomputation.
 """
 
 from __future__ import annotations

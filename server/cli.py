@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # httpx logs every request at INFO, which would bury the client commands' own output.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return args.handler(args)
     except KeyboardInterrupt:

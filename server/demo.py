@@ -1,6 +1,6 @@
 """``quiver demo`` and ``quiver train``: train the demo skill experts and show them routed.
 
-The demo trains one LoRA expert per built-in skill (or reuses them from the cache), starts a
+The demo trains one LoRA expert per demo skill (or reuses them from the cache), starts a
 Quiver server on 127.0.0.1 over a fresh demo library, uploads the experts through the client,
 and prints each skill's answer with the routing weights measured during its generation::
 
