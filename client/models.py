@@ -30,8 +30,10 @@ class RoutingParameters(_Strict):
         "module", description="sequence and hybrid methods: one mix per module, or one vote across all modules"
     )
     sequence_weight: float = Field(0.5, ge=0, le=1, description="hybrid method: weight of the sequence-level logits")
-    top_k: int = Field(4, ge=1, description="number of experts mixed per token and module (clamped to the experts in scope)")
-    temperature: float = Field(1.0, gt=0, description="divides the Arrow logits |v·x| before the softmax")
+    top_k: int | None = Field(
+        None, ge=1, description="number of experts mixed per token and module, clamped to the experts in scope; null for the server's default"
+    )
+    temperature: float | None = Field(None, gt=0, description="divides the routing logits before the softmax; null for the server's default")
     experts: list[str] | None = Field(None, description="experts in scope; null for all, an empty list for the base model alone")
 
 
@@ -93,6 +95,7 @@ class Health(BaseModel):
     base_model: str
     device: str
     experts: int
+    routing: dict[str, str | int | float] = Field(default_factory=dict, description="the default routing: method, top_k, temperature")
 
 
 class ErrorBody(BaseModel):

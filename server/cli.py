@@ -21,6 +21,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache-dir", type=Path, help="cache folder for the converted embedded model and demo experts (default: ~/.cache/quiver)")
     group.add_argument("--device", help="'auto', 'cpu', 'cuda' or 'cuda:N' (default: auto)")
     group.add_argument("--dtype", help="'auto', 'float32', 'bfloat16' or 'float16' (default: auto)")
+    group.add_argument("--routing-method", help="routing of requests that name no method: arrow, centered, normalized, sequence or hybrid")
+    group.add_argument("--routing-top-k", type=int, help="experts mixed per token and module for requests that set none")
+    group.add_argument("--routing-temperature", type=float, help="routing temperature for requests that set none")
     group.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens a request may ask for, in tokens (default: 512)")
     group.add_argument("--max-input-tokens", type=int, help="maximum prompt length accepted, in tokens (default: 4096)")
     group.add_argument("--max-upload-mb", type=int, help="largest adapter weights file accepted, in MiB (default: 512)")
@@ -33,6 +36,9 @@ def _settings_from(args: argparse.Namespace) -> Settings:
         cache_dir=args.cache_dir,
         device=args.device,
         dtype=args.dtype,
+        routing_method=args.routing_method,
+        routing_top_k=args.routing_top_k,
+        routing_temperature=args.routing_temperature,
         max_new_tokens=args.max_new_tokens,
         max_input_tokens=args.max_input_tokens,
         max_upload_mb=args.max_upload_mb,

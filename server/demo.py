@@ -73,7 +73,7 @@ def ensure_demo_experts(settings: Settings, retrain: bool = False, skills: tuple
     from quiver.library import load_base_model
     from quiver.library.training import train_expert
 
-    print(f"Training {len(missing)} demo experts ({', '.join(missing)}) into {root}; later runs reuse them.")
+    print(f"Training {len(missing)} skill experts ({', '.join(missing)}) into {root}; later runs reuse them.")
     model, tokenizer = load_base_model(settings.base_model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
     for name in missing:
         started = time.perf_counter()
@@ -126,7 +126,11 @@ def run_demo(settings: Settings, *, port: int = 0, serve: bool = False, retrain:
                 expert = client.upload_expert(folder, name=name, task=SKILLS[name].description)
                 print(f"Uploaded expert {expert.name!r}: rank {expert.rank}, {expert.module_count} modules, prototypes computed")
 
-            print(f"\nOne prompt per skill, Arrow routing across all {len(experts)} experts (top_k 4, temperature 1):\n")
+            routing = client.health().routing
+            print(
+                f"\nOne prompt per skill, routed across all {len(experts)} experts "
+                f"(method {routing['method']}, top_k {routing['top_k']}, temperature {routing['temperature']}):\n"
+            )
             own_weights = []
             correct = 0
             for name, prompt in demo_prompts().items():

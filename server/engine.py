@@ -48,6 +48,8 @@ class Engine:
     def __init__(self, settings: Settings, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         """Load the base model named by ``settings``, or serve ``model`` and ``tokenizer`` when both are given."""
         self.settings = settings
+        # Reject a bad default routing at startup rather than on the first request.
+        RoutingSettings(method=settings.routing_method, top_k=settings.routing_top_k, temperature=settings.routing_temperature)
         if model is None or tokenizer is None:
             model, tokenizer = load_base_model(settings.base_model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
         self.model, self.tokenizer = model, tokenizer
@@ -97,8 +99,8 @@ class Engine:
 
         routing = parameters.routing
         settings = RoutingSettings(
-            top_k=routing.top_k,
-            temperature=routing.temperature,
+            top_k=routing.top_k or self.settings.routing_top_k,
+            temperature=routing.temperature or self.settings.routing_temperature,
             experts=None if routing.experts is None else tuple(routing.experts),
             method=routing.method or self.settings.routing_method,
             pooling=routing.pooling,

@@ -28,6 +28,10 @@ class Settings:
     """'auto' (bfloat16 on CUDA, float32 on the CPU), 'float32', 'bfloat16' or 'float16'."""
     routing_method: str = "arrow"
     """The routing method of requests that name none (see ``quiver.library.routing.ROUTING_METHODS``)."""
+    routing_top_k: int = 4
+    """The number of experts mixed per token and module for requests that set none."""
+    routing_temperature: float = 1.0
+    """The routing temperature for requests that set none."""
     max_new_tokens: int = 512
     """The largest ``max_new_tokens`` a request may ask for."""
     max_input_tokens: int = 4096
@@ -61,6 +65,11 @@ class Settings:
 
 
 def _parse(variable: str, raw: str, default: object) -> object:
+    if isinstance(default, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"{variable}={raw!r} is invalid: expected a number") from None
     if isinstance(default, int):
         try:
             return int(raw)

@@ -13,4 +13,6 @@ router = APIRouter(tags=["health"])
 
 @router.get("/health", response_model=Health)
 def health(engine: EngineDep) -> Health:
-    return Health(status="ok", base_model=engine.base_model_id, device=str(engine.device), experts=len(engine.library))
+    settings = engine.settings
+    routing = {"method": settings.routing_method, "top_k": settings.routing_top_k, "temperature": settings.routing_temperature}
+    return Health(status="ok", base_model=engine.base_model_id, device=str(engine.device), experts=len(engine.library), routing=routing)

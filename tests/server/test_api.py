@@ -33,6 +33,7 @@ def test_health(client):
     assert health.base_model == "tiny-llama"
     assert health.device == "cpu"
     assert health.experts == 0
+    assert health.routing == {"method": "arrow", "top_k": 4, "temperature": 1.0}
 
 
 def test_upload_list_get_delete(client, adapter):
@@ -250,3 +251,21 @@ def test_unknown_route_uses_error_body(base_url):
 
     assert response.status_code == 404
     assert response.json()["code"] == "not_found"
+
+
+@pytest.mark.parametrize("method", ["centered", "normalized", "sequence", "hybrid"])
+def test_generate_with_each_method(client, tmp_path, method):
+    client.upload_expert(make_adapter(tiny_llama(), tmp_path / "one", seed=1), name="one")
+    client.upload_expert(make_adapter(tiny_llama(), tmp_path / "two", seed=2), name="two")
+
+    answer = client.generate("hello", max_new_tokens=3, routing={"method": method, "top_k": 1})
+
+    assert answer.details.generated_tokens >= 1
+    assert sum(answer.details.routing.values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_unknown_method_is_422(base_url):
+    response = httpx.post(f"{base_url}/generate", json={"inputs": "hi", "parameters": {"routing": {"method": "magic"}}})
+
+    assert response.status_code == 422
+    assert "body.parameters.routing.method" in response.json()["detail"]
