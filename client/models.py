@@ -33,16 +33,18 @@ class RoutingParameters(_Strict):
     top_k: int | None = Field(
         None, ge=1, description="number of experts mixed per token and module, clamped to the experts in scope; null for the server's default"
     )
-    temperature: float | None = Field(None, gt=0, description="divides the routing logits before the softmax; null for the server's default")
+    temperature: float | None = Field(
+        None, ge=1e-4, description="divides the routing logits before the softmax, at least 1e-4; null for the server's default"
+    )
     experts: list[str] | None = Field(None, description="experts in scope; null for all, an empty list for the base model alone")
 
 
 class GenerateParameters(_Strict):
     max_new_tokens: int = Field(20, ge=1, description="maximum number of tokens to generate")
-    temperature: float | None = Field(None, gt=0, description="sampling temperature; only used with do_sample")
+    temperature: float | None = Field(None, ge=1e-2, description="sampling temperature, at least 0.01; only used with do_sample")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass; only used with do_sample")
     do_sample: bool = Field(False, description="sample instead of greedy decoding")
-    seed: int | None = Field(None, ge=0, description="random seed for sampling; the same seed gives the same output")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="random seed for sampling; the same seed gives the same output")
     routing: RoutingParameters = Field(default_factory=RoutingParameters)
 
 

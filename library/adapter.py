@@ -108,11 +108,20 @@ def read_adapter(expert: str, folder: str | Path, module_shapes: ModuleShapes) -
         raise InvalidExpertError(expert, problems)
 
     _check_config(config, module_shapes, problems)
+    config_is_valid = not problems
     factors = _pair_factors(weights, problems)
     modules = {}
     for name, (lora_a, lora_b) in sorted(factors.items()):
-        if _check_module(name, lora_a, lora_b, module_shapes, problems):
-            modules[name] = LoraModule(name, lora_a, lora_b, _module_scale(config, name, lora_a.shape[0]))
+        if not _check_module(name, lora_a, lora_b, module_shapes, problems) or not config_is_valid:
+            continue
+        expected_rank = _pattern_value(config.get("rank_pattern"), name, config["r"])
+        if lora_a.shape[0] != expected_rank:
+            problems.append(
+                f"[{name}] the weights have rank {lora_a.shape[0]} but the config gives rank {expected_rank} "
+                "(r or rank_pattern); PEFT could not load this adapter, so fix the config"
+            )
+            continue
+        modules[name] = LoraModule(name, lora_a, lora_b, _module_scale(config, name, lora_a.shape[0]))
     if not factors and not problems:
         problems.append(f"{WEIGHTS_FILE} contains no lora_A/lora_B weights")
     if problems:
@@ -155,8 +164,16 @@ def _check_config(config: dict, module_shapes: ModuleShapes, problems: list[str]
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         problems.append(f"r is {rank!r}; expected a positive integer rank in {CONFIG_FILE}")
     alpha = config.get("lora_alpha", 8)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-        problems.append(f"lora_alpha is {alpha!r}; expected a positive number")
+    if not _is_positive_number(alpha):
+        problems.append(f"lora_alpha is {alpha!r}; expected a positive finite number")
+    for field in ("alpha_pattern", "rank_pattern"):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict):
+            problems.append(f"{field} is {pattern!r}; expected a JSON object of module pattern to number")
+            continue
+        for key, value in pattern.items():
+            if not _is_positive_number(value):
+                problems.append(f"{field}[{key!r}] is {value!r}; expected a positive finite number")
 
     # Variants whose output is not plain scale·B·A·x cannot be routed as Arrow experts.
     if config.get("use_dora"):
@@ -171,6 +188,10 @@ def _check_config(config: dict, module_shapes: ModuleShapes, problems: list[str]
         for target in targets:
             if not any(name == target or name.endswith("." + str(target)) for name in module_shapes):
                 problems.append(f"target module {target!r} not found in the base model's linear modules")
+
+
+def _is_positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _pair_factors(
@@ -219,13 +240,17 @@ def _check_module(
     return len(problems) == found
 
 
+def _pattern_value(patterns: dict | None, module: str, default: float) -> float:
+    """Return the value of the first pattern matching ``module``'s name, as PEFT matches them, else ``default``."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
 def _module_scale(config: dict, module: str, rank: int) -> float:
     """Return PEFT's scale for ``module``: alpha / rank, or alpha / sqrt(rank) with rsLoRA."""
-    alpha = config.get("lora_alpha", 8)
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            alpha = value
-            break
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
     if config.get("use_rslora"):
         return alpha / math.sqrt(rank)
     return alpha / rank

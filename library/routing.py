@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 4
 DEFAULT_TEMPERATURE = 1.0
+MIN_TEMPERATURE = 1e-4
+"""Smaller temperatures overflow the softmax of logits that are about 1 or more."""
 
 
 ROUTING_METHODS = ("arrow", "centered", "normalized", "sequence", "hybrid")
@@ -73,8 +75,8 @@ class RoutingSettings:
     def __post_init__(self) -> None:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
             raise InvalidRoutingError(f"top_k is {self.top_k!r}; expected an integer of at least 1")
-        if not self.temperature > 0:
-            raise InvalidRoutingError(f"temperature is {self.temperature!r}; expected a number above 0")
+        if not self.temperature >= MIN_TEMPERATURE:
+            raise InvalidRoutingError(f"temperature is {self.temperature!r}; expected a number of at least {MIN_TEMPERATURE}")
         if self.method not in ROUTING_METHODS:
             raise InvalidRoutingError(f"method is {self.method!r}; expected one of {', '.join(ROUTING_METHODS)}")
         if self.pooling not in POOLING_MODES:

@@ -243,6 +243,7 @@ class ExpertLibrary:
                 shutil.copyfile(adapter_dir / WEIGHTS_FILE, staging / WEIGHTS_FILE)
                 (staging / EXPERT_FILE).write_text(json.dumps(info.to_json(), indent=2) + "\n", encoding="utf-8")
                 save_prototypes(staging / ARROW_FILE, prototypes)
+                _make_readable(staging)
                 os.replace(staging, self.root / name)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -337,8 +338,21 @@ def render_model_card(base_model: str, experts: list[ExpertInfo]) -> str:
         "| --- | --- | --- | --- |",
     ]
     for info in experts:
-        lines.append(f"| {info.name} | {info.task or ''} | {info.rank} | {', '.join(info.target_modules)} |")
+        lines.append(f"| {info.name} | {_card_cell(info.task)} | {info.rank} | {', '.join(info.target_modules)} |")
     return "\n".join(lines) + "\n"
+
+
+def _make_readable(folder: Path) -> None:
+    """Give a staged expert the usual permissions: mkdtemp and safetensors create it owner-only."""
+    folder.chmod(0o755)
+    for path in folder.iterdir():
+        path.chmod(0o644)
+
+
+def _card_cell(text: str | None) -> str:
+    """Return ``text`` as one markdown table cell: no line breaks or pipes, at most 200 characters."""
+    cell = " ".join((text or "").split()).replace("|", "\\|")
+    return cell if len(cell) <= 200 else cell[:199] + "…"
 
 
 def _atomic_save(path: Path, write) -> None:

@@ -38,7 +38,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
 
     @app.middleware("http")
     async def assign_request_id(request: Request, call_next):
-        request.state.request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+        supplied = request.headers.get("X-Request-ID", "")
+        # A client's id is kept when it is short and printable, because it goes into logs and headers.
+        valid = 0 < len(supplied) <= 128 and supplied.isascii() and supplied.isprintable()
+        request.state.request_id = supplied if valid else uuid.uuid4().hex
         response = await call_next(request)
         response.headers["X-Request-ID"] = request.state.request_id
         return response

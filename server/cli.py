@@ -14,16 +14,17 @@ from pathlib import Path
 from .settings import Settings
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+def _add_settings_flags(parser: argparse.ArgumentParser, *, library: bool = True) -> None:
     group = parser.add_argument_group("server settings (each also read from the QUIVER_<NAME> environment variable)")
-    group.add_argument("--library-dir", type=Path, help="expert library folder (default: <cache-dir>/library)")
+    if library:
+        group.add_argument("--library-dir", type=Path, help="expert library folder (default: <cache-dir>/library)")
     group.add_argument("--base-model", help="transformers causal LM id or local path (default: the embedded SmolLM2-135M-Instruct)")
     group.add_argument("--cache-dir", type=Path, help="cache folder for the converted embedded model and demo experts (default: ~/.cache/quiver)")
     group.add_argument("--device", help="'auto', 'cpu', 'cuda' or 'cuda:N' (default: auto)")
     group.add_argument("--dtype", help="'auto', 'float32', 'bfloat16' or 'float16' (default: auto)")
-    group.add_argument("--routing-method", help="routing of requests that name no method: arrow, centered, normalized, sequence or hybrid")
-    group.add_argument("--routing-top-k", type=int, help="experts mixed per token and module for requests that set none")
-    group.add_argument("--routing-temperature", type=float, help="routing temperature for requests that set none")
+    group.add_argument("--routing-method", help="routing of requests that name no method: arrow, centered, normalized, sequence or hybrid (default: arrow)")
+    group.add_argument("--routing-top-k", type=int, help="experts mixed per token and module for requests that set none (default: 4)")
+    group.add_argument("--routing-temperature", type=float, help="routing temperature for requests that set none (default: 1.0)")
     group.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens a request may ask for, in tokens (default: 512)")
     group.add_argument("--max-input-tokens", type=int, help="maximum prompt length accepted, in tokens (default: 4096)")
     group.add_argument("--max-upload-mb", type=int, help="largest adapter weights file accepted, in MiB (default: 512)")
@@ -31,7 +32,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 def _settings_from(args: argparse.Namespace) -> Settings:
     return Settings.from_env(
-        library_dir=args.library_dir,
+        library_dir=getattr(args, "library_dir", None),
         base_model=args.base_model,
         cache_dir=args.cache_dir,
         device=args.device,
@@ -96,12 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="train the demo experts, start a server and route one prompt per skill",
         description="Train (or reuse) the demo skill experts, start a server on 127.0.0.1, upload the experts "
-        "through the client and print each skill's routed answer.",
+        "through the client and print each skill's routed answer. The demo uses its own library, "
+        "<cache-dir>/demo-library, recreated on every run.",
     )
     demo.add_argument("--port", type=int, default=0, help="TCP port for the demo server (default: a free port)")
     demo.add_argument("--serve", action="store_true", help="keep serving the demo library after the demo, until Ctrl-C")
     demo.add_argument("--retrain", action="store_true", help="train the demo experts again even if cached")
-    _add_settings_flags(demo)
+    _add_settings_flags(demo, library=False)
     demo.set_defaults(handler=_demo)
 
     from .evaluate import add_eval_parser

@@ -90,6 +90,12 @@ class Engine:
             raise RequestTooLargeError(
                 f"max_new_tokens is {parameters.max_new_tokens}; this server allows at most {self.settings.max_new_tokens}"
             )
+        # A token is rarely longer than a few dozen characters, so a much longer text can be
+        # rejected before the tokenizer spends time on it.
+        if len(inputs) > 64 * self.settings.max_input_tokens:
+            raise RequestTooLargeError(
+                f"the prompt has {len(inputs)} characters; this server accepts at most {self.settings.max_input_tokens} tokens"
+            )
         encoded = self.tokenizer(inputs, return_tensors="pt").to(self.device)
         prompt_tokens = encoded["input_ids"].shape[1]
         if prompt_tokens > self.settings.max_input_tokens:

@@ -22,7 +22,8 @@ def add_eval_parser(commands) -> None:
     parser.add_argument("--dataset", action="append", default=[], metavar="PATH=EXPERT",
                         help="a data set with 'prompt' and 'answer' columns (saved folder, CSV, JSON Lines or Parquet file), "
                         "and the expert trained for it; repeatable")
-    parser.add_argument("--methods", default="", help="comma-separated method names to run (default: all; see the report for names)")
+    parser.add_argument("--methods", default="", help="comma-separated evaluation method names to run, as the report names them, "
+                        "for example 'oracle,arrow top-1,sequence top-1' (default: all)")
     parser.add_argument("--output", type=Path, default=Path("docs"), help="folder for the report files (default: docs)")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="generated tokens per prompt at most (default: 24)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default: 16)")
@@ -40,6 +41,10 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from quiver.library.evaluation import Evaluator, dataset_task, default_methods, skill_tasks, summarize, write_report
     from quiver.library.statistics import load_or_compute_input_means
 
+    if args.count < 1:
+        raise ValueError(f"--count is {args.count}; expected at least 1 prompt per task")
+    if not (args.library_dir / "quiver.json").is_file():
+        raise ValueError(f"{args.library_dir} is not a Quiver library (no quiver.json); pass the folder the server uses as its library")
     tasks = skill_tasks([name for name in args.skills.split(",") if name], args.count)
     for spec in args.dataset:
         path, separator, expert = spec.rpartition("=")

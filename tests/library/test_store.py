@@ -237,6 +237,11 @@ CONFIG_CASES = [
     ("dora", lambda config: config.update(use_dora=True), "use_dora"),
     ("bias", lambda config: config.update(bias="all"), "bias is 'all'"),
     ("target absent", lambda config: config.update(target_modules=["q_proj", "w_gate"]), "target module 'w_gate' not found"),
+    ("alpha nan", '{"r": 4, "lora_alpha": NaN, "target_modules": ["q_proj"]}', "lora_alpha is nan"),
+    ("alpha null", lambda config: config.update(lora_alpha=None), "lora_alpha is None"),
+    ("alpha pattern text", lambda config: config.update(alpha_pattern={"q_proj": "big"}), "alpha_pattern['q_proj'] is 'big'"),
+    ("rank disagrees", lambda config: config.update(r=8), "the weights have rank 4 but the config gives rank 8"),
+    ("rank pattern disagrees", lambda config: config.update(rank_pattern={"v_proj": 2}), "[model.layers.0.self_attn.v_proj] the weights have rank 4 but the config gives rank 2"),
 ]
 
 
@@ -288,6 +293,22 @@ def test_failed_write_leaves_library_unchanged(library, adapter, monkeypatch):
 
     assert library_snapshot(library.root) == before
     assert library.names() == ["kept"]
+
+
+def test_stored_files_readable_by_others(library, adapter):
+    library.add("math", adapter)
+
+    folder = library.root / "math"
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert all(path.stat().st_mode & 0o777 == 0o644 for path in folder.iterdir())
+
+
+def test_card_escapes_task_text(library, adapter):
+    library.add("math", adapter, task="adds | subtracts\nand more")
+
+    card = (library.root / "README.md").read_text()
+
+    assert "| math | adds \\| subtracts and more | 4 |" in card
 
 
 def test_different_base_model_name_recorded(library, adapter):

@@ -226,8 +226,14 @@ def test_upload_too_large_is_413(base_url, settings, tmp_path):
         (b'{"inputs": "hi", "parameters": {"routing": {"top_k": 0}}}', "body.parameters.routing.top_k"),
         (b'{"inputs": "hi", "parameters": {"routing": {"temperature": -1}}}', "body.parameters.routing.temperature"),
         (b'{"inputs": "hi", "parameters": {"max_tokens": 5}}', "body.parameters.max_tokens"),
+        (b'{"inputs": "hi", "parameters": {"seed": 9223372036854775808}}', "body.parameters.seed"),
+        (b'{"inputs": "hi", "parameters": {"do_sample": true, "temperature": 1e-45}}', "body.parameters.temperature"),
+        (b'{"inputs": "hi", "parameters": {"routing": {"temperature": 1e-300}}}', "body.parameters.routing.temperature"),
     ],
-    ids=["malformed", "not-object", "no-inputs", "zero-tokens", "zero-top-k", "negative-temperature", "unknown-field"],
+    ids=[
+        "malformed", "not-object", "no-inputs", "zero-tokens", "zero-top-k", "negative-temperature", "unknown-field",
+        "seed-overflow", "tiny-sampling-temperature", "tiny-routing-temperature",
+    ],
 )
 def test_bad_generate_body_is_422(base_url, body, problem):
     response = httpx.post(f"{base_url}/generate", content=body, headers={"Content-Type": "application/json"})
@@ -244,6 +250,19 @@ def test_request_too_large_is_422(client, settings):
         client.generate("hello", max_new_tokens=65)
     with pytest.raises(InvalidRequestError, match="at most 100"):
         client.generate("a" * 101)
+
+
+def test_request_id_echoed_when_valid(base_url):
+    kept = httpx.get(f"{base_url}/health", headers={"X-Request-ID": "trace-42"})
+    replaced = httpx.get(f"{base_url}/health", headers={"X-Request-ID": "x" * 500})
+
+    assert kept.headers["X-Request-ID"] == "trace-42"
+    assert len(replaced.headers["X-Request-ID"]) == 32
+
+
+def test_huge_prompt_rejected_quickly(client):
+    with pytest.raises(InvalidRequestError, match="characters"):
+        client.generate("a" * 100_000)
 
 
 def test_unknown_route_uses_error_body(base_url):
