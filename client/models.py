@@ -26,8 +26,8 @@ class RoutingParameters(_Strict):
         "score over ‖x−μ‖; 'sequence' one mix per request from the prompt; 'hybrid' per-token plus sequence; "
         "null for the server's default",
     )
-    pooling: Literal["module", "vote"] = Field(
-        "module", description="sequence and hybrid methods: one mix per module, or one vote across all modules"
+    pooling: Literal["module", "vote"] | None = Field(
+        None, description="sequence and hybrid methods: one mix per module, or one vote across all modules; null for the server's default"
     )
     sequence_weight: float = Field(0.5, ge=0, le=1, description="hybrid method: weight of the sequence-level logits")
     top_k: int | None = Field(

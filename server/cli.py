@@ -22,8 +22,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser, *, library: bool = True
     group.add_argument("--cache-dir", type=Path, help="cache folder for the converted embedded model and demo experts (default: ~/.cache/quiver)")
     group.add_argument("--device", help="'auto', 'cpu', 'cuda' or 'cuda:N' (default: auto)")
     group.add_argument("--dtype", help="'auto', 'float32', 'bfloat16' or 'float16' (default: auto)")
-    group.add_argument("--routing-method", help="routing of requests that name no method: arrow, centered, normalized, sequence or hybrid (default: arrow)")
-    group.add_argument("--routing-top-k", type=int, help="experts mixed per token and module for requests that set none (default: 4)")
+    group.add_argument("--routing-method", help="routing of requests that name no method: arrow, centered, normalized, sequence or hybrid (default: sequence)")
+    group.add_argument("--routing-pooling", help="pooling of the sequence and hybrid methods for requests that set none: module or vote (default: vote)")
+    group.add_argument("--routing-top-k", type=int, help="experts mixed per token and module for requests that set none (default: 1)")
     group.add_argument("--routing-temperature", type=float, help="routing temperature for requests that set none (default: 1.0)")
     group.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens a request may ask for, in tokens (default: 512)")
     group.add_argument("--max-input-tokens", type=int, help="maximum prompt length accepted, in tokens (default: 4096)")
@@ -38,6 +39,7 @@ def _settings_from(args: argparse.Namespace) -> Settings:
         device=args.device,
         dtype=args.dtype,
         routing_method=args.routing_method,
+        routing_pooling=args.routing_pooling,
         routing_top_k=args.routing_top_k,
         routing_temperature=args.routing_temperature,
         max_new_tokens=args.max_new_tokens,

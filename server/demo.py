@@ -129,7 +129,7 @@ def run_demo(settings: Settings, *, port: int = 0, serve: bool = False, retrain:
             routing = client.health().routing
             print(
                 f"\nOne prompt per skill, routed across all {len(experts)} experts "
-                f"(method {routing['method']}, top_k {routing['top_k']}, temperature {routing['temperature']}):\n"
+                f"(method {routing['method']}, pooling {routing['pooling']}, top_k {routing['top_k']}):\n"
             )
             own_weights = []
             correct = 0

@@ -49,7 +49,12 @@ class Engine:
         """Load the base model named by ``settings``, or serve ``model`` and ``tokenizer`` when both are given."""
         self.settings = settings
         # Reject a bad default routing at startup rather than on the first request.
-        RoutingSettings(method=settings.routing_method, top_k=settings.routing_top_k, temperature=settings.routing_temperature)
+        RoutingSettings(
+            method=settings.routing_method,
+            pooling=settings.routing_pooling,
+            top_k=settings.routing_top_k,
+            temperature=settings.routing_temperature,
+        )
         if model is None or tokenizer is None:
             model, tokenizer = load_base_model(settings.base_model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
         self.model, self.tokenizer = model, tokenizer
@@ -109,7 +114,7 @@ class Engine:
             temperature=routing.temperature or self.settings.routing_temperature,
             experts=None if routing.experts is None else tuple(routing.experts),
             method=routing.method or self.settings.routing_method,
-            pooling=routing.pooling,
+            pooling=routing.pooling or self.settings.routing_pooling,
             sequence_weight=routing.sequence_weight,
         )
         sampling = {"do_sample": parameters.do_sample}

@@ -26,9 +26,13 @@ class Settings:
     """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
     dtype: str = "auto"
     """'auto' (bfloat16 on CUDA, float32 on the CPU), 'float32', 'bfloat16' or 'float16'."""
-    routing_method: str = "arrow"
+    # The default routing scored best in bench/evaluate_routing.py (docs/evaluation.md): one
+    # expert per request, chosen by a vote of all modules over the centred, normalised prompt scores.
+    routing_method: str = "sequence"
     """The routing method of requests that name none (see ``quiver.library.routing.ROUTING_METHODS``)."""
-    routing_top_k: int = 4
+    routing_pooling: str = "vote"
+    """The pooling of the sequence and hybrid methods for requests that set none: 'module' or 'vote'."""
+    routing_top_k: int = 1
     """The number of experts mixed per token and module for requests that set none."""
     routing_temperature: float = 1.0
     """The routing temperature for requests that set none."""

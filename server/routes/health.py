@@ -14,5 +14,10 @@ router = APIRouter(tags=["health"])
 @router.get("/health", response_model=Health)
 def health(engine: EngineDep) -> Health:
     settings = engine.settings
-    routing = {"method": settings.routing_method, "top_k": settings.routing_top_k, "temperature": settings.routing_temperature}
+    routing = {
+        "method": settings.routing_method,
+        "pooling": settings.routing_pooling,
+        "top_k": settings.routing_top_k,
+        "temperature": settings.routing_temperature,
+    }
     return Health(status="ok", base_model=engine.base_model_id, device=str(engine.device), experts=len(engine.library), routing=routing)

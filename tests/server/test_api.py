@@ -33,7 +33,7 @@ def test_health(client):
     assert health.base_model == "tiny-llama"
     assert health.device == "cpu"
     assert health.experts == 0
-    assert health.routing == {"method": "arrow", "top_k": 4, "temperature": 1.0}
+    assert health.routing == {"method": "sequence", "pooling": "vote", "top_k": 1, "temperature": 1.0}
 
 
 def test_upload_list_get_delete(client, adapter):

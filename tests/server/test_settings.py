@@ -14,7 +14,8 @@ def test_defaults_without_environment():
 
     assert settings.base_model is None
     assert settings.device == "auto"
-    assert settings.routing_top_k == 4
+    assert settings.routing_method == "sequence"
+    assert settings.routing_top_k == 1
     assert settings.resolved_library_dir == Path(settings.cache_dir) / "library"
 
 
