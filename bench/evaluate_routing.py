@@ -6,8 +6,8 @@ in a library, runs the ``quiver eval`` harness over held-out prompts of every sk
 
     .venv/bin/python bench/evaluate_routing.py --count 20
 
-On a 2-core CPU, training takes about 1.5 minutes per expert, and the evaluation about
-TODO minutes for 8 skills, 20 prompts each and the 16 default methods.
+On a 2-core CPU, training takes about 1.5 minutes per expert when nothing else runs, and the
+evaluation took about 12 minutes for 8 skills, 20 prompts each and the 14 default methods.
 """
 
 from __future__ import annotations
