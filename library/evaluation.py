@@ -178,8 +178,14 @@ class Evaluator:
 
     def _generate(self, prompts: list[str], settings: RoutingSettings, task: TaskSet, tally: _RoutingTally) -> list[str]:
         tokenizer = self.tokenizer
+        # Left padding puts every prompt's last token at the same position for generation.
+        # The caller's tokenizer setting is restored afterwards.
+        padding_side = tokenizer.padding_side
         tokenizer.padding_side = "left"
-        encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        try:
+            encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        finally:
+            tokenizer.padding_side = padding_side
         prompt_length = encoded["input_ids"].shape[1]
 
         # 1. Generate greedily with the method's routing.

@@ -27,7 +27,7 @@ def test_all_lists_public_names():
 
 
 def test_imports_without_torch():
-    # A meta path finder that fails every torch import stands in for a machine without torch.
+    # A meta path finder that fails every torch import simulates a machine without torch.
     script = (
         "import sys\n"
         "class BlockTorch:\n"
