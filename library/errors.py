@@ -69,10 +69,10 @@ class SkillNotFoundError(QuiverError, KeyError):
 class ExpertExistsError(QuiverError, FileExistsError):
     """An expert of that name already exists."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, message: str | None = None) -> None:
         self.name = name
         super().__init__(
-            f"expert {name!r} already exists; remove it first or choose another name"
+            message or f"expert {name!r} already exists; choose another name, remove it first, or replace it (replace=true)"
         )
 
 

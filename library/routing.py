@@ -1,6 +1,6 @@
 """Arrow routing inside the base model: every token, in every adapted module, picks its experts.
 
-:class:`ArrowRouter` replaces each adapted ``nn.Linear`` of the base model with a
+:class:`ArrowRouter` replaces each adapted linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) of the base model with a
 :class:`RoutedLinear` that keeps the base layer and the factors of every expert adapting that
 module. For a token whose input to the module is x (D_in,), with the experts E in scope:
 
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .adapter import LINEAR_TYPES
 from .errors import ExpertNotFoundError, QuiverError
 from .store import LoadedExpert
 
@@ -144,10 +145,13 @@ class RoutedLinear(nn.Module):
 
     wraps_linear = True
 
-    def __init__(self, name: str, base: nn.Linear, state: _RouterState) -> None:
+    def __init__(self, name: str, base: nn.Module, state: _RouterState) -> None:
         super().__init__()
         self.name = name
         self.base = base
+        # nn.Linear stores its weight as (D_out, D_in); GPT-2's Conv1D as (D_in, D_out).
+        d_out, d_in = base.weight.shape if isinstance(base, nn.Linear) else base.weight.shape[::-1]
+        self.in_features, self.out_features = int(d_in), int(d_out)
         self._state = state
         self.expert_names: list[str] = []
         self._position: dict[str, int] = {}
@@ -155,20 +159,12 @@ class RoutedLinear(nn.Module):
         self.lora_b = nn.ParameterList()  # E × (D_out, R_e)
         weight = base.weight
         self.register_buffer("scales", torch.empty(0), persistent=False)  # (E,)
-        self.register_buffer("prototypes", torch.empty(0, base.in_features), persistent=False)  # (E, D_in)
-        self.register_buffer("input_mean", torch.zeros(base.in_features, device=weight.device, dtype=weight.dtype), persistent=False)  # (D_in,)
+        self.register_buffer("prototypes", torch.empty(0, self.in_features), persistent=False)  # (E, D_in)
+        self.register_buffer("input_mean", torch.zeros(self.in_features, device=weight.device, dtype=weight.dtype), persistent=False)  # (D_in,)
         # Prompt scores of the experts in scope, (B, E): pooled by a scoring pass, then the
         # per-sequence logits that the sequence and hybrid methods apply to every token.
         self.prompt_scores: torch.Tensor | None = None
         self.sequence_logits: torch.Tensor | None = None
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     @property
     def weight(self) -> torch.Tensor:
@@ -185,13 +181,13 @@ class RoutedLinear(nn.Module):
         if prototypes:
             self.prototypes = torch.stack(list(prototypes)).to(weight.device, weight.dtype)  # (E, D_in)
         else:
-            self.prototypes = torch.empty(0, self.base.in_features, device=weight.device, dtype=weight.dtype)
+            self.prototypes = torch.empty(0, self.in_features, device=weight.device, dtype=weight.dtype)
 
     def set_input_mean(self, mean: torch.Tensor | None) -> None:
         """Set μ, the base model's mean input to this layer; None sets zeros (plain Arrow)."""
         weight = self.base.weight
         if mean is None:
-            self.input_mean = torch.zeros(self.base.in_features, device=weight.device, dtype=weight.dtype)
+            self.input_mean = torch.zeros(self.in_features, device=weight.device, dtype=weight.dtype)
         else:
             self.input_mean = mean.to(weight.device, weight.dtype)  # (D_in,)
 
@@ -318,8 +314,8 @@ class ArrowRouter:
 
     def _wrap(self, module_name: str) -> None:
         base = self.model.get_submodule(module_name)
-        if not isinstance(base, nn.Linear):
-            raise QuiverError(f"module {module_name!r} is a {type(base).__name__}; only nn.Linear modules can be routed")
+        if not isinstance(base, LINEAR_TYPES):
+            raise QuiverError(f"module {module_name!r} is a {type(base).__name__}; only nn.Linear and Conv1D modules can be routed")
         layer = RoutedLinear(module_name, base, self._state)
         if self.input_means is not None:
             layer.set_input_mean(self.input_means.get(module_name))

@@ -5,14 +5,18 @@
       README.md                            model card generated from the experts' metadata
       <expert>/adapter_config.json         the PEFT LoRA config, byte for byte as uploaded
       <expert>/adapter_model.safetensors   the PEFT LoRA weights, byte for byte as uploaded
+                                           (pickled adapter_model.bin weights are stored as safetensors)
       <expert>/expert.json                 metadata (see ExpertInfo)
       <expert>/arrow.safetensors           Arrow prototypes (see quiver.library.arrow)
       .staging/                            work area for atomic writes; never read as experts
       .lock                                file lock held by every write
 
 Writes build the new expert in ``.staging`` and rename it into place under the lock, so a crash
-leaves either the old state or the new one. Every change bumps the manifest's ``revision``,
-which the routed model compares to decide when to reload its expert weights.
+leaves either the old state or the new one. Replacing an expert moves the old folder to
+``.staging/<tmp>/replaced/<name>`` first; if the process dies before the new folder takes its
+place, the next open moves the old one back. Every change bumps the manifest's ``revision``
+before touching expert folders, so a reader that sees a revision never misses the change it
+announces; readers load under the same lock (:meth:`ExpertLibrary.load_all`).
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
+from safetensors.torch import save_file
 from torch import nn
 
-from .adapter import CONFIG_FILE, WEIGHTS_FILE, LoraModule, linear_module_shapes, read_adapter
+from .adapter import CONFIG_FILE, WEIGHTS_FILE, BaseModules, LoraModule, read_adapter, sha256_file
 from .arrow import ARROW_CONFIG, ARROW_FILE, compute_prototypes, load_prototypes, save_prototypes
 from .errors import (
     ExpertExistsError,
@@ -53,7 +58,17 @@ CARD_FILE = "README.md"
 EXPERT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 """Expert names: 1–64 characters of letters, digits, '_' and '-', starting with a letter or digit."""
 
+RESERVED_NAMES = frozenset(
+    {"base", "default", "all", "none", "null", "adapter", "experts", "library", "quiver"}
+    | {"con", "prn", "aux", "nul"}
+    | {f"{device}{number}" for device in ("com", "lpt") for number in range(10)}
+)
+"""Names refused in any letter case: words that mean something else in a request ("base" for the
+base model, "default" for PEFT's adapter name, "all"/"none" for a routing scope) and device names
+that Windows cannot use as folder names."""
+
 _STAGING = ".staging"
+_REPLACED = "replaced"
 
 
 @dataclass(frozen=True)
@@ -95,13 +110,41 @@ class LoadedExpert:
 
 
 def check_expert_name(name: object) -> str:
-    """Return ``name`` if it is a valid expert name, else raise :class:`InvalidExpertNameError`."""
-    if not isinstance(name, str) or not EXPERT_NAME_PATTERN.match(name):
-        raise InvalidExpertNameError(
-            str(name),
-            [f"name {name!r} is invalid: use 1-64 letters, digits, '_' or '-', starting with a letter or digit"],
-        )
+    """Return ``name`` if it is a valid expert name, else raise :class:`InvalidExpertNameError`.
+
+    The error says what is wrong with the name: its length, the characters that are not
+    allowed, its first character, or that it is reserved.
+    """
+    rule = "use 1-64 ASCII letters, digits, '_' or '-', starting with a letter or digit"
+    if not isinstance(name, str):
+        raise InvalidExpertNameError(str(name), [f"name {name!r} is not a string; {rule}"])
+    reasons = []
+    if not name:
+        reasons.append("it is empty")
+    elif len(name) > 64:
+        reasons.append(f"it has {len(name)} characters, more than 64")
+    bad = sorted({char for char in name if not (char.isascii() and (char.isalnum() or char in "_-"))})
+    if bad:
+        reasons.append("it contains " + ", ".join(_describe_char(char) for char in bad))
+    if name and not bad and not name[0].isalnum():
+        reasons.append(f"it starts with {name[0]!r}")
+    if name.lower() in RESERVED_NAMES:
+        reasons.append("it is reserved (" + ", ".join(sorted(name for name in RESERVED_NAMES if not name[-1].isdigit())) + ", and Windows device names)")
+    if reasons:
+        shown = name if len(name) <= 80 else name[:77] + "..."
+        raise InvalidExpertNameError(shown, [f"name {shown!r} is invalid: {'; '.join(reasons)}; {rule}"])
     return name
+
+
+def _describe_char(char: str) -> str:
+    names = {" ": "a space", "/": "'/'", "\\": "a backslash", ".": "'.'"}
+    if char in names:
+        return names[char]
+    if not char.isprintable():
+        return f"the control character U+{ord(char):04X}"
+    if not char.isascii():
+        return f"the non-ASCII character {char!r} (U+{ord(char):04X})"
+    return repr(char)
 
 
 class ExpertLibrary:
@@ -117,7 +160,7 @@ class ExpertLibrary:
 
     def __init__(self, root: str | os.PathLike[str], model: nn.Module | None = None, *, base_model_id: str | None = None) -> None:
         self.root = Path(root).expanduser()
-        self._module_shapes = linear_module_shapes(model) if model is not None else None
+        self._base = BaseModules.of(model) if model is not None else None
         if base_model_id is None and model is not None:
             base_model_id = getattr(getattr(model, "config", None), "name_or_path", None)
         self.base_model_id = base_model_id or "unknown"
@@ -126,7 +169,7 @@ class ExpertLibrary:
         self._lock = FileLock(str(self.root / ".lock"))
         with self._lock:
             self._open_manifest()
-            shutil.rmtree(self.root / _STAGING, ignore_errors=True)
+            self._recover()
 
     # Reading
 
@@ -167,23 +210,57 @@ class ExpertLibrary:
         return self._expert_path(name)
 
     def load(self, name: str) -> LoadedExpert:
-        """Read expert ``name``'s factors and prototypes, recomputing prototypes stored with another config."""
-        folder = self._expert_path(name)
-        info = self.get(name)
-        shapes = self._module_shapes or _shapes_from_weights(folder)
-        try:
-            adapter = read_adapter(name, folder, shapes)
-        except InvalidExpertError as error:
-            raise LibraryFormatError(f"stored expert {name!r} no longer loads: {error}") from error
+        """Read expert ``name``'s factors and prototypes, recomputing prototypes stored with another config.
 
-        try:
-            prototypes = load_prototypes(folder / ARROW_FILE)
-        except LibraryFormatError as error:
-            logger.warning("recomputing Arrow prototypes of expert %s: %s", name, error)
-            prototypes = compute_prototypes(adapter.modules)
-            with self._lock:
+        Modules whose update is zero have no prototype and are left out: they add nothing.
+        """
+        with self._lock:
+            folder = self._expert_path(name)
+            info = self.get(name)
+            try:
+                adapter = read_adapter(name, folder, self._base or _shapes_from_weights(folder))
+            except InvalidExpertError as error:
+                raise LibraryFormatError(f"stored expert {name!r} no longer loads: {error}") from error
+
+            try:
+                prototypes = load_prototypes(folder / ARROW_FILE)
+            except LibraryFormatError as error:
+                logger.warning("recomputing Arrow prototypes of expert %s: %s", name, error)
+                prototypes = _nonzero(compute_prototypes(adapter.modules))
                 _atomic_save(folder / ARROW_FILE, lambda path: save_prototypes(path, prototypes))
-        return LoadedExpert(info, adapter.modules, {module: vector for module, (vector, _) in prototypes.items()})
+        modules = {module: adapter.modules[module] for module in prototypes if module in adapter.modules}
+        return LoadedExpert(info, modules, {module: vector for module, (vector, _) in prototypes.items() if module in modules})
+
+    def load_all(self) -> tuple[int, list[LoadedExpert], dict[str, str]]:
+        """Load every expert under the lock, so the result matches one revision.
+
+        Returns:
+            The revision, the loaded experts, and the error of each expert that cannot be loaded.
+        """
+        experts, failures = [], {}
+        with self._lock:
+            revision = self.revision
+            for name in self.names():
+                try:
+                    experts.append(self.load(name))
+                except LibraryFormatError as error:
+                    failures[name] = str(error)
+        return revision, experts, failures
+
+    def export(self, name: str, target: str | os.PathLike[str]) -> Path:
+        """Write expert ``name`` as a PEFT adapter folder (config, weights, model card) into ``target``.
+
+        The folder loads with ``PeftModel.from_pretrained``; ``target`` is created if needed.
+        """
+        target = Path(target)
+        target.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            folder = self._expert_path(name)
+            info = self.get(name)
+            for file in (CONFIG_FILE, WEIGHTS_FILE):
+                shutil.copyfile(folder / file, target / file)
+        (target / CARD_FILE).write_text(render_expert_card(info), encoding="utf-8")
+        return target
 
     # Writing
 
@@ -196,70 +273,100 @@ class ExpertLibrary:
         description: str | None = None,
         source_repo: str | None = None,
         source_revision: str | None = None,
+        replace: bool = False,
     ) -> ExpertInfo:
         """Validate the PEFT LoRA adapter in ``adapter_dir``, compute its prototypes and store it.
 
+        With ``replace``, an existing expert of that name is swapped for the new one in one step:
+        readers see the old expert or the new one, never a mix.
+
         Raises:
             InvalidExpertError: the adapter cannot adapt the base model (every problem listed).
-            ExpertExistsError: an expert called ``name`` exists.
+            ExpertExistsError: an expert called ``name`` (in any letter case) exists and
+                ``replace`` is false.
         """
         check_expert_name(name)
-        if self._module_shapes is None:
+        if self._base is None:
             raise InvalidExpertError(name, ["this library was opened without a base model, so experts cannot be checked; open it with the model"])
-        if name in self:
-            raise ExpertExistsError(name)
+        self._check_free(name, replace)
 
         adapter_dir = Path(adapter_dir)
-        adapter = read_adapter(name, adapter_dir, self._module_shapes)
-        prototypes = compute_prototypes(adapter.modules)
-        zero = [module for module, (_, singular_value) in prototypes.items() if singular_value == 0.0]
-        if zero:
-            problems = [f"[{module}] the update B·A is all zero, so it has no direction to route on (an untrained adapter?)" for module in zero]
-            raise InvalidExpertError(name, problems)
+        adapter = read_adapter(name, adapter_dir, self._base)
+        all_prototypes = compute_prototypes(adapter.modules)
+        prototypes = _nonzero(all_prototypes)
+        if not prototypes:
+            raise InvalidExpertError(
+                name, ["the update B·A is zero in every module, so the expert has no direction to route on (an untrained adapter?)"]
+            )
+        skipped = sorted(set(all_prototypes) - set(prototypes))
+        if skipped:
+            logger.warning("expert %s: %d modules have a zero update and are not routed: %s", name, len(skipped), ", ".join(skipped))
 
         adapter_base = adapter.config.get("base_model_name_or_path")
-        info = ExpertInfo(
-            name=name,
-            base_model=self.base_model_id,
-            rank=adapter.rank,
-            alpha=adapter.alpha,
-            target_modules=sorted({module.rsplit(".", 1)[-1] for module in adapter.modules}),
-            module_count=len(adapter.modules),
-            weights_sha256=adapter.weights_sha256,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            task=task,
-            description=description,
-            adapter_base_model=adapter_base if adapter_base != self.base_model_id else None,
-            source_repo=source_repo,
-            source_revision=source_revision,
-        )
+        staging = self._new_staging_dir()
+        try:
+            shutil.copyfile(adapter_dir / CONFIG_FILE, staging / CONFIG_FILE)
+            if adapter.weights_file.name == WEIGHTS_FILE:
+                shutil.copyfile(adapter.weights_file, staging / WEIGHTS_FILE)
+            else:  # pickled weights are stored as safetensors, the format the library reads back
+                save_file({key: tensor.contiguous().clone() for key, tensor in adapter.tensors.items()}, str(staging / WEIGHTS_FILE))
+            info = ExpertInfo(
+                name=name,
+                base_model=self.base_model_id,
+                rank=adapter.rank,
+                alpha=adapter.alpha,
+                target_modules=sorted({module.rsplit(".", 1)[-1] for module in adapter.modules}),
+                module_count=len(prototypes),
+                weights_sha256=sha256_file(staging / WEIGHTS_FILE),
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                task=task,
+                description=description,
+                adapter_base_model=adapter_base if adapter_base != self.base_model_id else None,
+                source_repo=source_repo,
+                source_revision=source_revision,
+            )
+            (staging / EXPERT_FILE).write_text(json.dumps(info.to_json(), indent=2) + "\n", encoding="utf-8")
+            save_prototypes(staging / ARROW_FILE, prototypes)
+            _make_readable(staging)
 
-        with self._lock:
-            if name in self:
-                raise ExpertExistsError(name)
-            staging = self._new_staging_dir()
-            try:
-                shutil.copyfile(adapter_dir / CONFIG_FILE, staging / CONFIG_FILE)
-                shutil.copyfile(adapter_dir / WEIGHTS_FILE, staging / WEIGHTS_FILE)
-                (staging / EXPERT_FILE).write_text(json.dumps(info.to_json(), indent=2) + "\n", encoding="utf-8")
-                save_prototypes(staging / ARROW_FILE, prototypes)
-                _make_readable(staging)
-                os.replace(staging, self.root / name)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-            self._bump_revision()
-        logger.info("added expert %s (%d modules, rank %d)", name, info.module_count, info.rank)
+            with self._lock:
+                self._check_free(name, replace)
+                target = self.root / name
+                self._bump_revision()
+                if target.exists():
+                    parked = self._new_staging_dir() / _REPLACED
+                    parked.mkdir()
+                    os.replace(target, parked / name)
+                    os.replace(staging, target)
+                    shutil.rmtree(parked.parent, ignore_errors=True)
+                else:
+                    os.replace(staging, target)
+                self._write_card()
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        logger.info("%s expert %s (%d modules, rank %d)", "replaced" if replace else "added", name, info.module_count, info.rank)
         return info
+
+    def _check_free(self, name: str, replace: bool) -> None:
+        """Raise :class:`ExpertExistsError` if ``name`` is taken, in any letter case, unless replacing that exact name."""
+        for existing in self.names():
+            if existing == name and not replace:
+                raise ExpertExistsError(name)
+            if existing != name and existing.lower() == name.lower():
+                raise ExpertExistsError(
+                    name, f"expert {existing!r} already exists and names are compared without regard to letter case; choose another name"
+                )
 
     def remove(self, name: str) -> None:
         """Delete expert ``name``; raise :class:`ExpertNotFoundError` if absent."""
         with self._lock:
             folder = self._expert_path(name)
+            self._bump_revision()
             # Renaming first makes the removal atomic for readers: the expert vanishes in one step.
             trash = self._new_staging_dir()
             os.replace(folder, trash / name)
-            self._bump_revision()
             shutil.rmtree(trash, ignore_errors=True)
+            self._write_card()
         logger.info("removed expert %s", name)
 
     # Internals
@@ -269,10 +376,31 @@ class ExpertLibrary:
             raise ExpertNotFoundError(name, self.names())
         return self.root / name
 
+    def _recover(self) -> None:
+        """Finish or undo writes that a killed process left behind, then empty the staging area.
+
+        An expert parked by an unfinished replace goes back in place when the new one never
+        arrived (parking happens under the lock, so any parked expert seen here was left by a
+        dead process). Staging folders of processes that are no longer running are half-written
+        copies and are deleted; those of live processes may be in use and stay.
+        """
+        staging = self.root / _STAGING
+        for parked in staging.glob(f"*/{_REPLACED}/*"):
+            if not (self.root / parked.name).exists() and (parked / EXPERT_FILE).is_file():
+                logger.warning("restoring expert %s, whose replacement was interrupted", parked.name)
+                self._bump_revision()
+                os.replace(parked, self.root / parked.name)
+        for temporary in [*self.root.glob(".*.tmp"), *self.root.glob("*/.*.tmp")]:
+            temporary.unlink(missing_ok=True)  # written under the lock, so left by a dead process
+        if staging.is_dir():
+            for entry in staging.iterdir():
+                if not _process_alive(entry.name.partition("-")[0]):
+                    shutil.rmtree(entry, ignore_errors=True)
+
     def _new_staging_dir(self) -> Path:
         base = self.root / _STAGING
         base.mkdir(exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=uuid.uuid4().hex[:8], dir=base))
+        return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
 
     def _read_manifest(self) -> dict:
         path = self.root / MANIFEST_FILE
@@ -299,7 +427,7 @@ class ExpertLibrary:
         manifest = self._read_manifest()
         if manifest.get("format_version") != FORMAT_VERSION:
             raise LibraryFormatError(f"{path} has format version {manifest.get('format_version')!r}; this Quiver reads version {FORMAT_VERSION}")
-        if self._module_shapes is not None and manifest.get("base_model") != self.base_model_id:
+        if self._base is not None and manifest.get("base_model") != self.base_model_id:
             # Experts are checked by module shapes when loaded, so a renamed copy of the same model still works.
             logger.warning("library %s was created for base model %s, now opened with %s", self.root, manifest.get("base_model"), self.base_model_id)
 
@@ -311,7 +439,6 @@ class ExpertLibrary:
         manifest = self._read_manifest()
         manifest["revision"] += 1
         self._write_manifest(manifest)
-        self._write_card()
 
     def _write_card(self) -> None:
         text = render_model_card(self.base_model_id, self.list())
@@ -340,6 +467,49 @@ def render_model_card(base_model: str, experts: list[ExpertInfo]) -> str:
     for info in experts:
         lines.append(f"| {info.name} | {_card_cell(info.task)} | {info.rank} | {', '.join(info.target_modules)} |")
     return "\n".join(lines) + "\n"
+
+
+def render_expert_card(info: ExpertInfo) -> str:
+    """Return the README.md of one exported expert: Hub front matter, then what Quiver knows of it."""
+    lines = [
+        "---",
+        "library_name: peft",
+        f"base_model: {json.dumps(info.adapter_base_model or info.base_model)}",
+        "tags:",
+        "  - lora",
+        "  - quiver",
+        "---",
+        "",
+        f"# {info.name}",
+        "",
+        f"A LoRA adapter exported from a Quiver library for `{info.base_model}`.",
+        "",
+        f"- task: {_card_cell(info.task) or 'not recorded'}",
+        f"- rank: {info.rank}, alpha: {info.alpha:g}, modules: {', '.join(info.target_modules)}",
+        f"- weights sha256: `{info.weights_sha256}`",
+    ]
+    if info.description:
+        lines += ["", _card_cell(info.description)]
+    lines += ["", "Load it with `PeftModel.from_pretrained(base_model, path)`."]
+    return "\n".join(lines) + "\n"
+
+
+def _process_alive(pid: str) -> bool:
+    """Whether the process that named a staging folder ``<pid>-...`` is still running on this machine."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists but belongs to another user
+    return int(pid) != 0
+
+
+def _nonzero(prototypes: dict[str, tuple[torch.Tensor, float]]) -> dict[str, tuple[torch.Tensor, float]]:
+    """Keep the modules whose update is not zero: a zero update has no direction to route on."""
+    return {module: value for module, value in prototypes.items() if value[1] > 0.0}
 
 
 def _make_readable(folder: Path) -> None:

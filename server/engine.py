@@ -19,7 +19,6 @@ from quiver.client.models import GenerateDetails, GenerateParameters, GenerateRe
 from quiver.library import (
     ArrowRouter,
     ExpertLibrary,
-    LibraryFormatError,
     RoutingRecorder,
     RoutingSettings,
     load_base_model,
@@ -73,15 +72,11 @@ class Engine:
 
     def _refresh(self) -> None:
         """Reload the routed experts when the library changed since they were loaded."""
-        revision = self.library.revision
-        if revision == self.router.revision:
+        if self.library.revision == self.router.revision:
             return
-        experts = []
-        for name in self.library.names():
-            try:
-                experts.append(self.library.load(name))
-            except LibraryFormatError as error:
-                logger.error("skipping expert %s, which cannot be loaded: %s", name, error)
+        revision, experts, failures = self.library.load_all()
+        for name, error in failures.items():
+            logger.error("skipping expert %s, which cannot be loaded: %s", name, error)
         self.router.load_experts(experts, revision)
 
     def generate(self, inputs: str, parameters: GenerateParameters) -> GenerationResult:

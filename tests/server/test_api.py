@@ -162,7 +162,7 @@ def _zero(tensors):
     [
         (_rename_module, "[model.layers.9.self_attn.q_proj] module not found"),
         (_widen, "[model.layers.0.self_attn.v_proj] lora_A shape (4, 40)"),
-        (_zero, "all zero"),
+        (_zero, "zero in every module"),
     ],
     ids=["missing-module", "shape-mismatch", "zero-update"],
 )
