@@ -328,6 +328,10 @@ def _check_config(config: dict, problems: list[str]) -> bool:
     pattern = config.get("layers_pattern")
     if pattern is not None and not (isinstance(pattern, str) or (isinstance(pattern, list) and all(isinstance(item, str) for item in pattern))):
         problems.append(f"layers_pattern is {pattern!r}; expected a string or a list of strings")
+    if isinstance(config.get("target_modules"), str):
+        for option in ("layers_to_transform", "layers_pattern"):
+            if config.get(option) not in (None, [], ""):
+                problems.append(f"{option} is set but target_modules is a string; PEFT refuses this pair, so list the target modules instead")
     return len(problems) == found
 
 
@@ -371,7 +375,8 @@ def _targeted_modules(config: dict, base: BaseModules, problems: list[str]) -> s
             if not matches:
                 problems.append(f"target module {target!r} not found in the base model (is the adapter for another base model?)")
             targeted |= matches
-        targeted = {name for name in targeted if _in_selected_layer(config, name)}
+        # PEFT 0.21.2 applies layers_to_transform to suffix matches only, so a module named in full is adapted in any layer.
+        targeted = {name for name in targeted if name in targets or _in_selected_layer(config, name)}
     else:
         problems.append(f"target_modules is {targets!r}; expected a list of module names, a regular expression or 'all-linear'")
         return None
@@ -387,7 +392,7 @@ def _targeted_modules(config: dict, base: BaseModules, problems: list[str]) -> s
 
 
 def _in_selected_layer(config: dict, name: str) -> bool:
-    """Apply ``layers_to_transform`` and ``layers_pattern`` to a module matched by a target list, as PEFT does."""
+    """Apply ``layers_to_transform`` and ``layers_pattern`` to a module matched by a name suffix in a target list, as PEFT does."""
     layers = config.get("layers_to_transform")
     if layers is None or layers == []:
         return True

@@ -347,6 +347,29 @@ class ExpertLibrary:
         logger.info("%s expert %s (%d modules, rank %d)", "replaced" if replace else "added", name, info.module_count, info.rank)
         return info
 
+    def import_mttl(
+        self,
+        name: str,
+        checkpoint: str | os.PathLike[str],
+        *,
+        task: str | None = None,
+        description: str | None = None,
+        replace: bool = False,
+    ) -> ExpertInfo:
+        """Convert an MTTL expert checkpoint to a PEFT LoRA adapter and add it as ``name``.
+
+        ``task`` defaults to the checkpoint's ``expert_task_name``. See :mod:`quiver.library.mttl`.
+        """
+        from .mttl import convert_mttl_checkpoint
+
+        check_expert_name(name)
+        with tempfile.TemporaryDirectory(prefix="quiver-mttl-") as folder:
+            try:
+                expert = convert_mttl_checkpoint(checkpoint, folder, base_model=self.base_model_id)
+            except InvalidExpertError as error:
+                raise InvalidExpertError(name, error.problems) from None
+            return self.add(name, folder, task=task or expert.task, description=description, replace=replace)
+
     def _check_free(self, name: str, replace: bool) -> None:
         """Raise :class:`ExpertExistsError` if ``name`` is taken, in any letter case, unless replacing that exact name."""
         for existing in self.names():

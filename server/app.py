@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 
 from .engine import Engine
 from .errors import install_error_handlers
+from .limits import BodyLimitMiddleware
 from .routes import experts, generate, health
 from .settings import Settings
 
@@ -46,6 +47,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         response.headers["X-Request-ID"] = request.state.request_id
         return response
 
+    # Only uploads carry large bodies, but the limit holds for every request.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_mb * 2**20)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(experts.router)

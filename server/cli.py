@@ -1,4 +1,4 @@
-"""The ``quiver`` command line: ``quiver serve``, ``quiver train``, ``quiver demo`` and ``quiver eval``.
+"""The ``quiver`` command line: ``quiver serve``, ``quiver experts``, ``quiver train``, ``quiver demo`` and ``quiver eval``.
 
 Heavy imports (torch, transformers) happen inside the commands that need them, so ``--help``
 stays fast.
@@ -28,7 +28,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser, *, library: bool = True
     group.add_argument("--routing-temperature", type=float, help="routing temperature for requests that set none (default: 1.0)")
     group.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens a request may ask for, in tokens (default: 512)")
     group.add_argument("--max-input-tokens", type=int, help="maximum prompt length accepted, in tokens (default: 4096)")
-    group.add_argument("--max-upload-mb", type=int, help="largest adapter weights file accepted, in MiB (default: 512)")
+    group.add_argument("--max-upload-mb", type=int, help="largest upload accepted (weights, config and form fields together), in MiB (default: 512)")
 
 
 def _settings_from(args: argparse.Namespace) -> Settings:
@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     from .evaluate import add_eval_parser
+    from .experts_cli import add_experts_parser
 
+    add_experts_parser(commands)
     add_eval_parser(commands)
     return parser
 
@@ -125,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as error:  # noqa: BLE001 - the CLI prints one line instead of a traceback.
+        from quiver.client import QuiverClientError
         from quiver.library import QuiverError
 
-        if isinstance(error, (QuiverError, ValueError, OSError)):
+        if isinstance(error, (QuiverError, QuiverClientError, ValueError, OSError)):
             print(f"quiver: error: {error}", file=sys.stderr)
             return 1
         raise

@@ -10,7 +10,7 @@ ExpertExistsError                     409     expert_exists
 InvalidExpertError                    422     invalid_expert
 InvalidRoutingError, request schema   422     invalid_request
 RequestTooLargeError                  422     request_too_large
-UploadTooLargeError                   413     upload_too_large
+request body over the upload limit    413     upload_too_large
 any other exception                   500     internal_error
 ====================================  ======  ===================
 """
@@ -28,12 +28,9 @@ from quiver.client.models import ErrorBody
 from quiver.library import ExpertExistsError, ExpertNotFoundError, InvalidExpertError, InvalidRoutingError
 
 from .engine import RequestTooLargeError
+from .limits import BODY_TOO_LARGE
 
 logger = logging.getLogger(__name__)
-
-
-class UploadTooLargeError(ValueError):
-    """An uploaded file beyond the server's size limit."""
 
 
 def error_response(request: Request, status: int, code: str, detail: str, problems: list[str] | None = None) -> JSONResponse:
@@ -76,10 +73,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def too_large(request: Request, error: RequestTooLargeError) -> JSONResponse:
         return error_response(request, 422, "request_too_large", str(error))
 
-    @app.exception_handler(UploadTooLargeError)
-    async def upload_too_large(request: Request, error: UploadTooLargeError) -> JSONResponse:
-        return error_response(request, 413, "upload_too_large", str(error))
-
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = [_describe_validation_error(item) for item in error.errors()]
@@ -88,11 +81,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        if BODY_TOO_LARGE in request.scope:
+            return error_response(request, 413, "upload_too_large", request.scope[BODY_TOO_LARGE])
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
         return error_response(request, error.status_code, code, str(error.detail))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        if BODY_TOO_LARGE in request.scope:
+            return error_response(request, 413, "upload_too_large", request.scope[BODY_TOO_LARGE])
         request_id = getattr(request.state, "request_id", "-")
         logger.error("request %s failed: %s", request_id, error, exc_info=error)
         return error_response(request, 500, "internal_error", f"internal server error; the server log has the details under request id {request_id}")

@@ -41,7 +41,7 @@ class Settings:
     max_input_tokens: int = 4096
     """The maximum prompt length accepted, in tokens."""
     max_upload_mb: int = 512
-    """The largest adapter weights file accepted, in MiB."""
+    """The largest request body accepted, in MiB: an upload's weights, config and form fields together."""
     host: str = "127.0.0.1"
     port: int = 8000
 

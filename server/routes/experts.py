@@ -1,25 +1,30 @@
-"""``/experts``: list, read, upload and delete experts."""
+"""``/experts``: list, read, upload, replace, export and delete experts."""
 
 from __future__ import annotations
 
 import logging
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Response, UploadFile
+from fastapi.responses import FileResponse
+from starlette.background import BackgroundTask
 
 from quiver.client.models import Expert, ExpertList
-from quiver.library import check_expert_name
-from quiver.library.adapter import CONFIG_FILE, WEIGHTS_FILE
+from quiver.library import InvalidExpertError, check_expert_name
+from quiver.library.adapter import CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE
 
 from ..deps import EngineDep
-from ..errors import UploadTooLargeError
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/experts", tags=["experts"])
+
+_ZIP_MAGIC = b"PK\x03\x04"
+"""The first bytes of a zip archive, which is what ``torch.save`` writes."""
 
 
 @router.get("", response_model=ExpertList)
@@ -36,20 +41,69 @@ def get_expert(name: str, engine: EngineDep) -> Expert:
 @router.post("", response_model=Expert, status_code=201)
 def upload_expert(
     engine: EngineDep,
-    name: Annotated[str, Form(description="expert name: 1-64 letters, digits, '_' or '-'")],
-    adapter_config: Annotated[UploadFile, File(description="the PEFT adapter_config.json")],
-    adapter_model: Annotated[UploadFile, File(description="the PEFT adapter_model.safetensors")],
+    name: Annotated[str, Form(description="expert name: 1-64 ASCII letters, digits, '_' or '-', starting with a letter or digit")],
+    adapter_config: Annotated[UploadFile | None, File(description="the PEFT adapter_config.json")] = None,
+    adapter_model: Annotated[
+        UploadFile | None, File(description="the PEFT weights: adapter_model.safetensors, or adapter_model.bin (read as tensors only)")
+    ] = None,
+    mttl_checkpoint: Annotated[
+        UploadFile | None, File(description="an MTTL expert checkpoint, converted to a PEFT adapter; instead of adapter_config and adapter_model")
+    ] = None,
     task: Annotated[str | None, Form(description="the task the expert was trained for")] = None,
     description: Annotated[str | None, Form()] = None,
+    replace: Annotated[bool, Form(description="swap an existing expert of that name for this one instead of answering 409")] = False,
 ) -> Expert:
-    """Validate an uploaded PEFT LoRA adapter, compute its Arrow prototypes and store it."""
+    """Validate an uploaded LoRA adapter, compute its Arrow prototypes and store it.
+
+    Send either ``adapter_config`` and ``adapter_model`` (a PEFT adapter) or ``mttl_checkpoint``.
+    """
     check_expert_name(name)
-    limit = engine.settings.max_upload_mb * 1024 * 1024
+    library = engine.library
+    peft_parts = [part for part in (adapter_config, adapter_model) if part is not None]
+    if mttl_checkpoint is not None and peft_parts:
+        raise InvalidExpertError(name, ["send either mttl_checkpoint or adapter_config and adapter_model, not both"])
     with tempfile.TemporaryDirectory(prefix="quiver-upload-") as folder:
-        _save_upload(adapter_config, Path(folder) / CONFIG_FILE, limit)
-        _save_upload(adapter_model, Path(folder) / WEIGHTS_FILE, limit)
-        info = engine.library.add(name, folder, task=task, description=description)
+        folder = Path(folder)
+        if mttl_checkpoint is not None:
+            _save_upload(mttl_checkpoint, folder / "checkpoint.pt")
+            info = library.import_mttl(name, folder / "checkpoint.pt", task=task, description=description, replace=replace)
+        else:
+            missing = [field for field, part in (("adapter_config", adapter_config), ("adapter_model", adapter_model)) if part is None]
+            if missing:
+                raise InvalidExpertError(
+                    name, [f"the upload has no {' or '.join(missing)} file; send the adapter's adapter_config.json and its weights, or an MTTL checkpoint"]
+                )
+            _save_upload(adapter_config, folder / CONFIG_FILE)
+            weights = _save_upload(adapter_model, folder / WEIGHTS_FILE)
+            if weights.read_bytes()[: len(_ZIP_MAGIC)] == _ZIP_MAGIC:
+                weights.rename(folder / PICKLE_WEIGHTS_FILE)  # torch.save output, read with the restricted unpickler
+            info = library.add(name, folder, task=task, description=description, replace=replace)
     return Expert(**info.to_json())
+
+
+@router.get(
+    "/{name}/adapter",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/zip": {}}, "description": "a zip of the PEFT adapter folder"}},
+)
+def export_expert(name: str, engine: EngineDep) -> FileResponse:
+    """Return expert ``name`` as a zip of a PEFT adapter folder: adapter_config.json, adapter_model.safetensors, README.md."""
+    work = Path(tempfile.mkdtemp(prefix="quiver-export-"))
+    try:
+        engine.library.export(name, work / name)
+        archive = work / f"{name}.zip"
+        with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zipped:
+            for path in sorted((work / name).iterdir()):
+                zipped.write(path, arcname=path.name)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return FileResponse(
+        archive,
+        media_type="application/zip",
+        filename=f"{name}.zip",
+        background=BackgroundTask(shutil.rmtree, work, ignore_errors=True),
+    )
 
 
 @router.delete("/{name}", status_code=204)
@@ -58,11 +112,8 @@ def delete_expert(name: str, engine: EngineDep) -> Response:
     return Response(status_code=204)
 
 
-def _save_upload(upload: UploadFile, target: Path, limit: int) -> None:
+def _save_upload(upload: UploadFile, target: Path) -> Path:
+    """Copy an uploaded part to ``target``; the request body limit was enforced while it arrived."""
     with open(target, "wb") as stream:
         shutil.copyfileobj(upload.file, stream)
-    size = target.stat().st_size
-    if size > limit:
-        raise UploadTooLargeError(
-            f"{upload.filename or target.name} is {size / 2**20:.1f} MiB; the limit is {limit // 2**20} MiB (QUIVER_MAX_UPLOAD_MB)"
-        )
+    return target

@@ -200,8 +200,8 @@ def test_upload_without_weights_is_422(base_url, adapter):
     response = httpx.post(f"{base_url}/experts", data={"name": "math"}, files=files)
 
     assert response.status_code == 422
-    assert response.json()["code"] == "invalid_request"
-    assert "adapter_model" in response.json()["detail"]
+    assert response.json()["code"] == "invalid_expert"
+    assert "no adapter_model file" in response.json()["detail"]
 
 
 def test_upload_too_large_is_413(base_url, settings, tmp_path):

@@ -1,0 +1,114 @@
+"""``quiver experts``: manage the experts of a running server through the client.
+
+Every subcommand prints a human-readable line or table, or JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+
+def add_experts_parser(commands: argparse._SubParsersAction) -> None:
+    experts = commands.add_parser(
+        "experts",
+        help="list, show, add, remove and export the experts of a running server",
+        description="Manage the experts of a running Quiver server.",
+    )
+    actions = experts.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, help: str, handler) -> argparse.ArgumentParser:
+        parser = actions.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+        parser.add_argument(
+            "--url",
+            default=os.environ.get("QUIVER_URL", "http://127.0.0.1:8000"),
+            help="the server's address (default: $QUIVER_URL or http://127.0.0.1:8000)",
+        )
+        parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each response (default: 300)")
+        parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+        parser.set_defaults(handler=handler)
+        return parser
+
+    action("list", "list the experts", _list)
+    show = action("show", "show one expert's metadata", _show)
+    show.add_argument("name", help="the expert's name")
+
+    add = action("add", "upload a PEFT LoRA adapter folder, or an MTTL checkpoint file with --mttl", _add)
+    add.add_argument("path", type=Path, help="the adapter folder (adapter_config.json and its weights), or the checkpoint file with --mttl")
+    add.add_argument("--name", required=True, help="the expert's name: 1-64 ASCII letters, digits, '_' or '-'")
+    add.add_argument("--task", help="the task the expert was trained for")
+    add.add_argument("--description", help="a free-text description")
+    add.add_argument("--mttl", action="store_true", help="PATH is an MTTL expert checkpoint to convert")
+    add.add_argument("--replace", action="store_true", help="swap an existing expert of that name for this one")
+
+    remove = action("rm", "remove an expert", _remove)
+    remove.add_argument("name", help="the expert's name")
+
+    export = action("export", "save an expert as a PEFT adapter folder", _export)
+    export.add_argument("name", help="the expert's name")
+    export.add_argument("directory", type=Path, help="the folder to write (created if needed)")
+    export.add_argument("--overwrite", action="store_true", help="replace an adapter already in the folder")
+
+
+def _client(args: argparse.Namespace):
+    from quiver.client import Client
+
+    return Client(args.url, timeout=args.timeout)
+
+
+def _print_expert(expert, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(expert.model_dump(), indent=2))
+        return
+    for key, value in expert.model_dump().items():
+        if value is not None:
+            print(f"{key:>18}: {', '.join(value) if isinstance(value, list) else value}")
+
+
+def _list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        experts = client.list_experts()
+    if args.json:
+        print(json.dumps([expert.model_dump() for expert in experts], indent=2))
+    elif not experts:
+        print("no experts")
+    else:
+        width = max(len(expert.name) for expert in experts)
+        for expert in experts:
+            print(f"{expert.name:<{width}}  rank {expert.rank:<3} {expert.module_count:>4} modules  {expert.task or ''}".rstrip())
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_expert(client.get_expert(args.name), args.json)
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.mttl:
+            expert = client.import_mttl(args.path, args.name, args.task, args.description, replace=args.replace)
+        else:
+            expert = client.upload_expert(args.path, args.name, args.task, args.description, replace=args.replace)
+    if args.json:
+        _print_expert(expert, True)
+    else:
+        print(f"{'replaced' if args.replace else 'added'} expert {expert.name} ({expert.module_count} modules, rank {expert.rank})")
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.delete_expert(args.name)
+    print(json.dumps({"removed": args.name}) if args.json else f"removed expert {args.name}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        folder = client.export_expert(args.name, args.directory, overwrite=args.overwrite)
+    print(json.dumps({"exported": args.name, "directory": str(folder)}) if args.json else f"exported expert {args.name} to {folder}")
+    return 0
