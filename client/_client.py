@@ -62,7 +62,7 @@ class Client:
     ) -> Expert:
         """Upload the PEFT LoRA adapter in folder ``path`` as expert ``name``.
 
-        The folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or the older
+        The folder contains ``adapter_config.json`` and ``adapter_model.safetensors`` (or the older
         ``adapter_model.bin``). With ``replace``, an existing expert of that name is swapped for
         this one; otherwise an existing name raises :class:`ConflictError`.
         """

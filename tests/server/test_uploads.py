@@ -1,5 +1,8 @@
-"""Uploads over real HTTP: every malformed adapter is refused with its problem named and the
-library left exactly as it was; replace, concurrent uploads and export work as documented."""
+"""Uploads over real HTTP.
+
+Every malformed adapter is rejected with its problem named, and the library stays exactly as it
+was. Replace and concurrent uploads work as documented.
+"""
 
 import json
 import os
