@@ -75,7 +75,9 @@ def upload_expert(
                 )
             _save_upload(adapter_config, folder / CONFIG_FILE)
             weights = _save_upload(adapter_model, folder / WEIGHTS_FILE)
-            if weights.read_bytes()[: len(_ZIP_MAGIC)] == _ZIP_MAGIC:
+            with open(weights, "rb") as stream:
+                pickled = stream.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
+            if pickled:
                 weights.rename(folder / PICKLE_WEIGHTS_FILE)  # torch.save output, read with the restricted unpickler
             info = library.add(name, folder, task=task, description=description, replace=replace)
     return Expert(**info.to_json())
