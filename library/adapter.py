@@ -86,6 +86,9 @@ class BaseModules:
     """Class name of every other named module, to explain why it cannot be adapted."""
     output_layer: str | None = None
     """The output embedding, which ``all-linear`` leaves out as PEFT does."""
+    complete: bool = True
+    """False when the modules were derived from an adapter's own weights rather than a model,
+    so a target without weights cannot be told apart from a target the model lacks."""
 
     @classmethod
     def of(cls, model: nn.Module) -> BaseModules:
@@ -174,7 +177,7 @@ def read_adapter(expert: str, folder: str | Path, base: BaseModules | ModuleShap
     """
     folder = Path(folder)
     if not isinstance(base, BaseModules):
-        base = BaseModules(shapes=dict(base))
+        base = BaseModules(shapes=dict(base), complete=False)
     problems: list[str] = []
 
     config = _read_config(folder / CONFIG_FILE, problems)
@@ -366,13 +369,13 @@ def _targeted_modules(config: dict, base: BaseModules, problems: list[str]) -> s
             problems.append(f"target_modules {targets!r} is not a valid regular expression")
             return None
         targeted = {name for name in names if re.fullmatch(targets, name)}
-        if not targeted:
+        if not targeted and base.complete:
             problems.append(f"target_modules pattern {targets!r} matches no module of the base model (is the adapter for another base model?)")
     elif isinstance(targets, list) and all(isinstance(target, str) for target in targets):
         targeted = set()
         for target in targets:
             matches = {name for name in names if name == target or name.endswith("." + target)}
-            if not matches:
+            if not matches and base.complete:
                 problems.append(f"target module {target!r} not found in the base model (is the adapter for another base model?)")
             targeted |= matches
         # PEFT 0.21.2 applies layers_to_transform to suffix matches only, so a module named in full is adapted in any layer.

@@ -334,3 +334,20 @@ def test_library_without_model_reads_only(library, adapter, tmp_path):
     assert reader.load("math").modules
     with pytest.raises(InvalidExpertError, match="without a base model"):
         reader.add("other", adapter)
+
+
+def test_target_without_weights_reads_without_model(library, adapter):
+    """PEFT leaves a targeted module without weights unchanged, so such an adapter is valid."""
+
+    def drop_down_proj(tensors):
+        for key in [key for key in tensors if "down_proj" in key]:
+            del tensors[key]
+
+    edit_weights(adapter, drop_down_proj)
+    library.add("partial", adapter)
+    reader = ExpertLibrary(library.root)
+
+    loaded = reader.load("partial")
+
+    assert not any("down_proj" in module for module in loaded.modules)
+    assert len(loaded.modules) == 4
