@@ -419,6 +419,8 @@ class ExpertLibrary:
             for entry in staging.iterdir():
                 if not _process_alive(entry.name.partition("-")[0]):
                     shutil.rmtree(entry, ignore_errors=True)
+        # A write killed after its rename but before the card was rewritten leaves an outdated card.
+        self._write_card(only_if_stale=True)
 
     def _new_staging_dir(self) -> Path:
         base = self.root / _STAGING
@@ -463,9 +465,13 @@ class ExpertLibrary:
         manifest["revision"] += 1
         self._write_manifest(manifest)
 
-    def _write_card(self) -> None:
-        text = render_model_card(self.base_model_id, self.list())
-        _atomic_save(self.root / CARD_FILE, lambda path: path.write_text(text, encoding="utf-8"))
+    def _write_card(self, *, only_if_stale: bool = False) -> None:
+        base_model = self._read_manifest().get("base_model") or self.base_model_id
+        text = render_model_card(base_model, self.list())
+        path = self.root / CARD_FILE
+        if only_if_stale and path.is_file() and path.read_text(encoding="utf-8") == text:
+            return
+        _atomic_save(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 def render_model_card(base_model: str, experts: list[ExpertInfo]) -> str:
