@@ -128,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as error:  # noqa: BLE001 - the CLI prints one line instead of a traceback.
         from quiver.client import QuiverClientError
-        from quiver.library import QuiverError
 
-        if isinstance(error, (QuiverError, QuiverClientError, ValueError, OSError)):
+        # Every error of the library subclasses a builtin such as ValueError or KeyError; checking
+        # the module avoids importing the library (and torch) for commands that never load it.
+        ours = type(error).__module__.startswith("quiver.")
+        if ours or isinstance(error, (QuiverClientError, ValueError, OSError)):
             print(f"quiver: error: {error}", file=sys.stderr)
             return 1
         raise
