@@ -18,6 +18,7 @@ from .errors import (
     QuiverClientError,
     ServerError,
     TransportError,
+    UploadTooLargeError,
 )
 from .models import (
     ErrorBody,
@@ -50,4 +51,5 @@ __all__ = [
     "RoutingParameters",
     "ServerError",
     "TransportError",
+    "UploadTooLargeError",
 ]

@@ -67,6 +67,8 @@ class Client:
         this one; otherwise an existing name raises :class:`ConflictError`.
         """
         folder = Path(path)
+        if not folder.exists():
+            raise FileNotFoundError(f"adapter folder {folder} not found; pass the folder that PEFT's save_pretrained wrote")
         weights = next((folder / file for file in _WEIGHTS_FILES if (folder / file).is_file()), None)
         if not (folder / _CONFIG_FILE).is_file() or weights is None:
             raise FileNotFoundError(
@@ -107,8 +109,10 @@ class Client:
         an adapter already there raises ``FileExistsError`` unless ``overwrite`` is true.
         """
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"{directory} is a file; choose a folder to export to")
         if not overwrite and any((directory / file).exists() for file in _EXPORTED_FILES):
-            raise FileExistsError(f"{directory} already holds an adapter; choose another folder or pass overwrite=True")
+            raise FileExistsError(f"{directory} already contains an adapter; choose another folder or overwrite it (overwrite=True, --overwrite in the CLI)")
         with tempfile.TemporaryFile() as archive:
             self._download(f"/experts/{name}/adapter", archive)
             archive.seek(0)
@@ -158,7 +162,7 @@ class Client:
         except httpx.TimeoutException as error:
             raise TransportError(f"GET {path} timed out: {error}; raise the client's timeout or check the server") from error
         except httpx.TransportError as error:
-            raise TransportError(f"GET {path} failed: cannot reach {self._http.base_url} ({error})") from error
+            raise TransportError(f"GET {path} failed: cannot reach {self._http.base_url} ({error}); is the server running (quiver serve)?") from error
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
@@ -166,7 +170,7 @@ class Client:
         except httpx.TimeoutException as error:
             raise TransportError(f"{method} {path} timed out: {error}; raise the client's timeout or check the server") from error
         except httpx.TransportError as error:
-            raise TransportError(f"{method} {path} failed: cannot reach {self._http.base_url} ({error})") from error
+            raise TransportError(f"{method} {path} failed: cannot reach {self._http.base_url} ({error}); is the server running (quiver serve)?") from error
         logger.debug("%s %s -> %d", method, path, response.status_code)
         if response.is_error:
             raise error_from_response(response)

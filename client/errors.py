@@ -7,7 +7,8 @@
         ├── ConflictError               409: the expert name is taken
         ├── InvalidRequestError (ValueError)
         │   │                           422: invalid request or expert; ``problems`` lists them
-        │   └── InvalidExpertError      422: the uploaded adapter cannot be served
+        │   ├── InvalidExpertError      422: the uploaded adapter cannot be served
+        │   └── UploadTooLargeError     413: the upload is over the server's size limit
         └── ServerError                 5xx
 """
 
@@ -63,6 +64,10 @@ class InvalidExpertError(InvalidRequestError):
     """422: the uploaded adapter cannot adapt the served base model."""
 
 
+class UploadTooLargeError(InvalidRequestError):
+    """413: the request body is larger than the server accepts (QUIVER_MAX_UPLOAD_MB)."""
+
+
 class ServerError(APIError):
     """5xx: the server failed."""
 
@@ -87,7 +92,9 @@ def error_from_response(response: httpx.Response) -> APIError:
         return ConflictError(*arguments)
     if status == 422 and code == "invalid_expert":
         return InvalidExpertError(*arguments)
-    if status in (400, 413, 422):
+    if status == 413:
+        return UploadTooLargeError(*arguments)
+    if status in (400, 422):
         return InvalidRequestError(*arguments)
     if status >= 500:
         return ServerError(*arguments)

@@ -84,7 +84,9 @@ class Expert(BaseModel):
     description: str | None = None
     adapter_base_model: str | None = None
     source_repo: str | None = None
-    source_revision: str | None = None
+    source_revision: str | None = Field(None, description="the commit of source_repo being served")
+    source_subfolder: str | None = None
+    source_ref: str | None = Field(None, description="the revision the import asked for; a branch is followed by each sync")
 
 
 class ExpertList(BaseModel):

@@ -189,8 +189,10 @@ def read_adapter(expert: str, folder: str | Path, base: BaseModules | ModuleShap
         raise InvalidExpertError(expert, problems)
 
     config_is_valid = _check_config(config, problems)
+    if config.get("peft_type") not in (None, "LORA"):
+        raise InvalidExpertError(expert, problems)  # the weights of another method are not LoRA factors
     targeted = _targeted_modules(config, base, problems) if config_is_valid else None
-    factors = _pair_factors(weights, weights_file.name, problems)
+    factors = _pair_factors(weights, weights_file.name, problems, dora=bool(config.get("use_dora")))
     modules = {}
     for name, (lora_a, lora_b) in sorted(factors.items()):
         if not _check_module(name, lora_a, lora_b, base, targeted, problems) or targeted is None:
@@ -206,7 +208,7 @@ def read_adapter(expert: str, folder: str | Path, base: BaseModules | ModuleShap
     if not factors and not problems:
         problems.append(f"{weights_file.name} contains no lora_A/lora_B weights")
     if problems:
-        raise InvalidExpertError(expert, problems)
+        raise InvalidExpertError(expert, group_module_problems(problems))
 
     return LoraAdapter(config=config, modules=modules, weights_file=weights_file, tensors=weights)
 
@@ -428,24 +430,33 @@ def _excluded_modules(config: dict, names: set[str], problems: list[str]) -> set
 
 
 def _pair_factors(
-    weights: dict[str, torch.Tensor], file_name: str, problems: list[str]
+    weights: dict[str, torch.Tensor], file_name: str, problems: list[str], *, dora: bool = False
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     factors: dict[str, dict[str, torch.Tensor]] = {}
     adapter_names = set()
+    unknown, tied = [], []
     for key, tensor in weights.items():
         match = _KEY_PATTERN.match(key.removeprefix(_PEFT_PREFIX))
         if match is None:
-            hint = " (a DoRA magnitude; DoRA adapters are not supported)" if "lora_magnitude_vector" in key else ""
-            problems.append(
-                f"{file_name} has tensor {key!r}{hint}, which is not a LoRA factor "
-                "(expected '<module>.lora_A.weight' and '<module>.lora_B.weight'); remove it"
-            )
+            if dora and "lora_magnitude_vector" in key:
+                continue  # already reported through use_dora
+            (tied if key.endswith(".base_layer.weight") else unknown).append(key)
             continue
         adapter_names.add(match["adapter"])
         pair = factors.setdefault(match["module"], {})
         if match["factor"] in pair:
             problems.append(f"[{match['module']}] lora_{match['factor']} appears twice, under more than one adapter name")
         pair[match["factor"]] = tensor
+    if tied:
+        problems.append(
+            f"{file_name} contains the base weights of {_shown(tied)}: PEFT saves them when an adapter targets a layer "
+            "tied to the embeddings (such as lm_head), and Quiver cannot serve a change to tied layers; leave those layers out of target_modules"
+        )
+    if unknown:
+        problems.append(
+            f"{file_name} has {len(unknown)} {'tensor that is not a LoRA factor' if len(unknown) == 1 else 'tensors that are not LoRA factors'} ({_shown(unknown)}); "
+            "expected only '<module>.lora_A.weight' and '<module>.lora_B.weight', so remove them"
+        )
     if len(adapter_names) > 1:
         shown = ", ".join(sorted(repr(name) if name else "none" for name in adapter_names))
         problems.append(f"{file_name} mixes adapter names ({shown}) in its keys; upload one adapter at a time")
@@ -459,6 +470,40 @@ def _pair_factors(
             continue
         pairs[module] = (pair["A"], pair["B"])
     return pairs
+
+
+def _shown(items: list[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(item) for item in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def group_module_problems(problems: list[str]) -> list[str]:
+    """Merge problems that differ only in their ``[module]`` prefix into one line naming the modules.
+
+    An adapter for another model, or with a wrong dtype, fails the same way in every module; one
+    line per kind of problem keeps the error readable on models with hundreds of modules.
+    """
+    by_text: dict[str, list[str]] = {}
+    order: list[str] = []
+    for problem in problems:
+        match = re.match(r"^\[([^\]]+)\] (.*)$", problem, re.DOTALL)
+        key = match[2] if match else problem
+        if key not in by_text:
+            by_text[key] = []
+            order.append(key)
+        if match:
+            by_text[key].append(match[1])
+    grouped = []
+    for text in order:
+        modules = by_text[text]
+        if not modules:
+            grouped.append(text)
+        elif len(modules) == 1:
+            grouped.append(f"[{modules[0]}] {text}")
+        else:
+            names = ", ".join(modules[:3]) + (f" and {len(modules) - 3} more" if len(modules) > 3 else "")
+            grouped.append(f"[{len(modules)} modules: {names}] {text}")
+    return grouped
 
 
 def _check_module(

@@ -146,7 +146,9 @@ def load_base_model(
     model.to(resolved_device)
     model.eval()
     if name_or_path is None:
+        # PEFT records model.name_or_path in every adapter it saves: the model's name, not a cache path.
         model.config.name_or_path = DEFAULT_MODEL_NAME
+        model.name_or_path = DEFAULT_MODEL_NAME
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     logger.info("loaded base model %s on %s as %s", model.config.name_or_path, resolved_device, resolved_dtype)

@@ -72,7 +72,7 @@ class ExpertExistsError(QuiverError, FileExistsError):
     def __init__(self, name: str, message: str | None = None) -> None:
         self.name = name
         super().__init__(
-            message or f"expert {name!r} already exists; choose another name, remove it first, or replace it (replace=true)"
+            message or f"expert {name!r} already exists; choose another name, remove it first, or replace it (replace=true in the API, --replace in the CLI)"
         )
 
 

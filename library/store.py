@@ -88,6 +88,10 @@ class ExpertInfo:
     adapter_base_model: str | None = None
     source_repo: str | None = None
     source_revision: str | None = None
+    """The commit of ``source_repo`` being served."""
+    source_subfolder: str | None = None
+    source_ref: str | None = None
+    """The revision the import asked for: a branch is followed by each sync, a commit sha is pinned."""
     arrow_config: dict = field(default_factory=lambda: dict(ARROW_CONFIG))
     format_version: int = FORMAT_VERSION
 
@@ -273,26 +277,45 @@ class ExpertLibrary:
         description: str | None = None,
         source_repo: str | None = None,
         source_revision: str | None = None,
+        source_subfolder: str | None = None,
+        source_ref: str | None = None,
         replace: bool = False,
+        created: str | None = None,
+        reuse_prototypes: bool = False,
     ) -> ExpertInfo:
         """Validate the PEFT LoRA adapter in ``adapter_dir``, compute its prototypes and store it.
 
         With ``replace``, an existing expert of that name is swapped for the new one in one step:
-        readers see the old expert or the new one, never a mix.
+        readers see the old expert or the new one, never a mix, and the old task and description
+        are kept unless new ones are given (a free name is simply added). With ``reuse_prototypes``, an
+        ``arrow.safetensors`` in ``adapter_dir`` computed with the current Arrow config for these
+        modules is kept instead of recomputed (used when syncing an expert from a Hub replica).
 
         Raises:
             InvalidExpertError: the adapter cannot adapt the base model (every problem listed).
             ExpertExistsError: an expert called ``name`` (in any letter case) exists and
                 ``replace`` is false.
         """
-        check_expert_name(name)
         if self._base is None:
             raise InvalidExpertError(name, ["this library was opened without a base model, so experts cannot be checked; open it with the model"])
-        self._check_free(name, replace)
-
         adapter_dir = Path(adapter_dir)
+        try:
+            check_expert_name(name)
+        except InvalidExpertNameError as bad_name:
+            # Report the adapter's own problems too, so one error lists everything to fix.
+            try:
+                read_adapter(name, adapter_dir, self._base)
+            except InvalidExpertError as error:
+                raise InvalidExpertError(bad_name.expert, bad_name.problems + error.problems) from None
+            raise
+        self._check_free(name, replace)
+        if replace and name in self and task is None and description is None:
+            previous = self.get(name)
+            task, description = previous.task, previous.description
+
         adapter = read_adapter(name, adapter_dir, self._base)
-        all_prototypes = compute_prototypes(adapter.modules)
+        prototypes = _reusable_prototypes(adapter_dir / ARROW_FILE, adapter.modules) if reuse_prototypes else None
+        all_prototypes = prototypes or compute_prototypes(adapter.modules)
         prototypes = _nonzero(all_prototypes)
         if not prototypes:
             raise InvalidExpertError(
@@ -318,12 +341,14 @@ class ExpertLibrary:
                 target_modules=sorted({module.rsplit(".", 1)[-1] for module in adapter.modules}),
                 module_count=len(prototypes),
                 weights_sha256=sha256_file(staging / WEIGHTS_FILE),
-                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                created=created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 task=task,
                 description=description,
-                adapter_base_model=adapter_base if adapter_base != self.base_model_id else None,
+                adapter_base_model=None if self._same_base(adapter_base) else adapter_base,
                 source_repo=source_repo,
                 source_revision=source_revision,
+                source_subfolder=source_subfolder,
+                source_ref=source_ref,
             )
             (staging / EXPERT_FILE).write_text(json.dumps(info.to_json(), indent=2) + "\n", encoding="utf-8")
             save_prototypes(staging / ARROW_FILE, prototypes)
@@ -377,8 +402,16 @@ class ExpertLibrary:
                 raise ExpertExistsError(name)
             if existing != name and existing.lower() == name.lower():
                 raise ExpertExistsError(
-                    name, f"expert {existing!r} already exists and names are compared without regard to letter case; choose another name"
+                    name,
+                    f"expert {existing!r} already exists and names are compared without letter case; "
+                    f"choose another name, or replace it under its stored name {existing!r}",
                 )
+
+    def _same_base(self, adapter_base: object) -> bool:
+        """Whether an adapter's ``base_model_name_or_path`` names the served model (an id, or a folder of that name)."""
+        if not isinstance(adapter_base, str) or not adapter_base:
+            return True
+        return adapter_base == self.base_model_id or Path(adapter_base).name == Path(self.base_model_id).name
 
     def remove(self, name: str) -> None:
         """Delete expert ``name``; raise :class:`ExpertNotFoundError` if absent."""
@@ -534,6 +567,24 @@ def _process_alive(pid: str) -> bool:
     except PermissionError:
         return True  # it exists but belongs to another user
     return int(pid) != 0
+
+
+def _reusable_prototypes(path: Path, modules: dict[str, LoraModule]) -> dict[str, tuple[torch.Tensor, float]] | None:
+    """Return the prototypes stored at ``path`` if they fit ``modules`` and the current Arrow config, else None."""
+    if not path.is_file():
+        return None
+    try:
+        stored = load_prototypes(path)
+    except LibraryFormatError as error:
+        logger.info("recomputing prototypes: %s", error)
+        return None
+    nonzero = {name for name, module in modules.items() if module.lora_a.any() and module.lora_b.any()}
+    if not stored or set(stored) != nonzero:
+        return None
+    for name, (vector, _) in stored.items():
+        if vector.shape != (modules[name].lora_a.shape[1],):
+            return None
+    return stored
 
 
 def _nonzero(prototypes: dict[str, tuple[torch.Tensor, float]]) -> dict[str, tuple[torch.Tensor, float]]:

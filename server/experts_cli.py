@@ -14,7 +14,7 @@ from pathlib import Path
 def add_experts_parser(commands: argparse._SubParsersAction) -> None:
     experts = commands.add_parser(
         "experts",
-        help="list, show, add, remove and export the experts of a running server",
+        help="list, show, add, rm (remove) and export the experts of a running server",
         description="Manage the experts of a running Quiver server.",
     )
     actions = experts.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -9,12 +9,13 @@ import zipfile
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Response, UploadFile
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 
 from quiver.client.models import Expert, ExpertList
-from quiver.library import InvalidExpertError, check_expert_name
+from quiver.library import InvalidExpertError
 from quiver.library.adapter import CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE
 
 from ..deps import EngineDep
@@ -38,10 +39,14 @@ def get_expert(name: str, engine: EngineDep) -> Expert:
     return Expert(**engine.library.get(name).to_json())
 
 
+_UPLOAD_FIELDS = {"name", "adapter_config", "adapter_model", "mttl_checkpoint", "task", "description", "replace"}
+
+
 @router.post("", response_model=Expert, status_code=201)
-def upload_expert(
+async def upload_expert(
+    request: Request,
     engine: EngineDep,
-    name: Annotated[str, Form(description="expert name: 1-64 ASCII letters, digits, '_' or '-', starting with a letter or digit")],
+    name: Annotated[str | None, Form(description="expert name: 1-64 ASCII letters, digits, '_' or '-', starting with a letter or digit")] = None,
     adapter_config: Annotated[UploadFile | None, File(description="the PEFT adapter_config.json")] = None,
     adapter_model: Annotated[
         UploadFile | None, File(description="the PEFT weights: adapter_model.safetensors, or adapter_model.bin (read as tensors only)")
@@ -57,7 +62,26 @@ def upload_expert(
 
     Send either ``adapter_config`` and ``adapter_model`` (a PEFT adapter) or ``mttl_checkpoint``.
     """
-    check_expert_name(name)
+    unknown = sorted(set((await request.form()).keys()) - _UPLOAD_FIELDS)
+    if unknown:
+        raise InvalidExpertError(
+            str(name), [f"unknown form fields {', '.join(map(repr, unknown))}; expected {', '.join(sorted(_UPLOAD_FIELDS))}"]
+        )
+    return await run_in_threadpool(
+        _store_upload, engine, name or "", adapter_config, adapter_model, mttl_checkpoint, task, description, replace
+    )
+
+
+def _store_upload(
+    engine,
+    name: str,
+    adapter_config: UploadFile | None,
+    adapter_model: UploadFile | None,
+    mttl_checkpoint: UploadFile | None,
+    task: str | None,
+    description: str | None,
+    replace: bool,
+) -> Expert:
     library = engine.library
     peft_parts = [part for part in (adapter_config, adapter_model) if part is not None]
     if mttl_checkpoint is not None and peft_parts:

@@ -248,7 +248,7 @@ CONFIG_CASES = [
     ("alpha null", lambda config: config.update(lora_alpha=None), "lora_alpha is None"),
     ("alpha pattern text", lambda config: config.update(alpha_pattern={"q_proj": "big"}), "alpha_pattern['q_proj'] is 'big'"),
     ("rank disagrees", lambda config: config.update(r=8), "the weights have rank 4 but the config gives rank 8"),
-    ("rank pattern disagrees", lambda config: config.update(rank_pattern={"v_proj": 2}), "[model.layers.0.self_attn.v_proj] the weights have rank 4 but the config gives rank 2"),
+    ("rank pattern disagrees", lambda config: config.update(rank_pattern={"v_proj": 2}), "[2 modules: model.layers.0.self_attn.v_proj, model.layers.1.self_attn.v_proj] the weights have rank 4 but the config gives rank 2"),
 ]
 
 

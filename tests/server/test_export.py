@@ -94,7 +94,7 @@ def test_export_refuses_to_overwrite(client, tmp_path):
     client.upload_expert(make_adapter(tiny_llama(), tmp_path / "adapter", seed=6), name="kept")
     client.export_expert("kept", tmp_path / "out")
 
-    with pytest.raises(FileExistsError, match="already holds an adapter"):
+    with pytest.raises(FileExistsError, match="already contains an adapter"):
         client.export_expert("kept", tmp_path / "out")
     assert client.export_expert("kept", tmp_path / "out", overwrite=True) == tmp_path / "out"
 

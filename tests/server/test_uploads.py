@@ -172,7 +172,7 @@ MALFORMED = [
     ),
     ("ranks-disagree", _tensors(_set(f"{Q_PROJ}.lora_B.weight", torch.randn(32, 3))), "lora_A has rank 4 but lora_B has rank 3"),
     ("lora-a-without-b", _tensors(_pop(f"{Q_PROJ}.lora_B.weight")), "lora_A has no matching lora_B"),
-    ("unknown-tensor", _tensors(_set("base_model.model.model.norm.scale", torch.ones(32))), "'base_model.model.model.norm.scale', which is not a LoRA factor"),
+    ("unknown-tensor", _tensors(_set("base_model.model.model.norm.scale", torch.ones(32))), "1 tensor that is not a LoRA factor ('base_model.model.model.norm.scale')"),
     ("nan", _tensors(_map(_first_nan)), "lora_A contains NaN or infinite values"),
     ("infinity", _tensors(_map(_first_inf)), "lora_B contains NaN or infinite values"),
     ("integer-tensors", _tensors(_map(lambda key, tensor: tensor.round().to(torch.int32))), "expected a floating-point dtype"),
@@ -404,3 +404,45 @@ def test_upload_with_both_formats_is_refused(base_url, settings, kept, adapter):
     assert "not both" in response.json()["detail"]
     assert _state(base_url, settings.library_dir) == before
 
+
+
+def test_unknown_form_field_is_refused(base_url, settings, kept, adapter):
+    before = _state(base_url, settings.library_dir)
+
+    response = _post(base_url, _parts(adapter), name="typo", tsak="a misspelt task")
+
+    assert response.status_code == 422
+    assert "unknown form fields 'tsak'" in response.json()["detail"]
+    assert _state(base_url, settings.library_dir) == before
+
+
+def test_bad_name_reported_with_adapter_problems(base_url, settings, kept, adapter):
+    response = _post(base_url, _parts(adapter, weights=b""), name="a/b")
+
+    problems = response.json()["problems"]
+    assert response.status_code == 422
+    assert any("contains '/'" in problem for problem in problems)
+    assert any("is empty (0 bytes)" in problem for problem in problems)
+
+
+def test_replace_keeps_task_unless_given(base_url, kept, tmp_path):
+    new = make_adapter(tiny_llama(), tmp_path / "new", seed=9)
+    kept_task = httpx.get(f"{base_url}/experts/kept").json()["task"]
+    _post(base_url, _parts(new), name="kept", task="first task", replace="true")
+
+    unchanged = _post(base_url, _parts(new), name="kept", replace="true").json()
+    changed = _post(base_url, _parts(new), name="kept", replace="true", task="second task").json()
+
+    assert kept_task is None
+    assert unchanged["task"] == "first task"
+    assert changed["task"] == "second task"
+
+
+def test_same_problem_in_every_module_is_one_line(base_url, kept, adapter):
+    files = _tensors(_map(lambda key, tensor: tensor.round().to(torch.int32)))(adapter)
+
+    response = _post(base_url, files, name="ints")
+
+    problems = response.json()["problems"]
+    assert len(problems) == 2  # one for lora_A, one for lora_B
+    assert all(problem.startswith("[6 modules: ") for problem in problems)
