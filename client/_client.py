@@ -102,6 +102,31 @@ class Client:
             files = {"mttl_checkpoint": (checkpoint.name, stream, "application/octet-stream")}
             return self._upload(name, files, task=task, description=description, replace=replace)
 
+    def import_from_hub(
+        self,
+        repo_id: str,
+        name: str,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        replace: bool = False,
+    ) -> Expert:
+        """Import the PEFT adapter at ``repo_id``/``subfolder`` from the Hub as expert ``name``.
+
+        The server downloads it with its own token and checks it like an upload. A branch
+        ``revision`` (default ``main``) is followed by every sync of the server; a commit sha is pinned.
+        """
+        body = {"source": "hub", "repo_id": repo_id, "name": name, "subfolder": subfolder, "revision": revision, "replace": replace}
+        return Expert.model_validate(self._request("POST", "/experts", json=body))
+
+    def library_status(self) -> dict[str, Any]:
+        """Return the library's revision, experts and Hub sync status."""
+        return self._request("GET", "/library")
+
+    def sync(self) -> dict[str, Any]:
+        """Ask the server to pull its Hub repo and push queued changes; return the sync report."""
+        return self._request("POST", "/library/sync")
+
     def export_expert(self, name: str, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Save expert ``name`` as a PEFT adapter folder in ``directory`` and return its path.
 

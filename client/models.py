@@ -87,6 +87,7 @@ class Expert(BaseModel):
     source_revision: str | None = Field(None, description="the commit of source_repo being served")
     source_subfolder: str | None = None
     source_ref: str | None = Field(None, description="the revision the import asked for; a branch is followed by each sync")
+    hub: str | None = Field(None, description="after an upload to a server synced with a Hub repo: 'pushed', or 'queued' for a retry")
 
 
 class ExpertList(BaseModel):

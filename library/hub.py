@@ -301,6 +301,18 @@ class HubSync:
         self._state.update(last_error=None, stale_since=None, failures=0)
         self._next_push = 0.0
 
+    def start(self) -> SyncReport | None:
+        """Create the repo if needed and sync; on a Hub failure, log it and keep serving the local copy."""
+        try:
+            self.ensure_repo()
+            return self.sync()
+        except HubError as error:
+            with self._lock:
+                self._state["last_result"] = "failed"
+                self._mark_failure(error)
+            logger.warning("serving the local copy of %s, which may be stale since %s: %s", self.repo_id, self._state["stale_since"], error)
+            return None
+
     # Pull
 
     def ensure_repo(self) -> None:

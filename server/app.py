@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -12,10 +14,28 @@ from fastapi import FastAPI, Request
 from .engine import Engine
 from .errors import install_error_handlers
 from .limits import BodyLimitMiddleware
-from .routes import experts, generate, health
+from .routes import experts, generate, health, library
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
+
+
+def _poll_hub(hub, interval: float, stop: threading.Event) -> None:
+    """Sync every ``interval`` seconds (never when 0), and retry queued pushes as their backoff allows."""
+    from quiver.library.hub import HubError
+
+    next_sync = time.monotonic() + interval
+    while not stop.wait(min(interval, 2.0) if interval > 0 else 2.0):
+        try:
+            if interval > 0 and time.monotonic() >= next_sync:
+                next_sync = time.monotonic() + interval
+                hub.sync()
+            else:
+                hub.push_pending()
+        except HubError as error:
+            logger.warning("Hub sync failed, serving the local copy: %s", error)
+        except Exception as error:  # noqa: BLE001 - the poller must outlive one bad sync
+            logger.error("Hub sync failed: %s", error, exc_info=error)
 
 
 def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> FastAPI:
@@ -31,7 +51,15 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine = engine or Engine(settings)
         logger.info("serving %s with library %s", app.state.engine.base_model_id, settings.resolved_library_dir)
+        stop = threading.Event()
+        poller = None
+        if app.state.engine.hub is not None:
+            poller = threading.Thread(target=_poll_hub, args=(app.state.engine.hub, settings.sync_interval, stop), name="quiver-hub-poll", daemon=True)
+            poller.start()
         yield
+        stop.set()
+        if poller is not None:
+            poller.join(timeout=10)
         logger.info("server stopped")
 
     app = FastAPI(title="Quiver", summary="LoRA experts routed per token with Arrow", lifespan=lifespan)
@@ -53,4 +81,5 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.include_router(health.router)
     app.include_router(experts.router)
     app.include_router(generate.router)
+    app.include_router(library.router)
     return app

@@ -28,6 +28,10 @@ def _add_settings_flags(parser: argparse.ArgumentParser, *, library: bool = True
     group.add_argument("--routing-temperature", type=float, help="routing temperature for requests that set none (default: 1.0)")
     group.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens a request may ask for, in tokens (default: 512)")
     group.add_argument("--max-input-tokens", type=int, help="maximum prompt length accepted, in tokens (default: 4096)")
+    if library:
+        group.add_argument("--hub-repo", help="Hub model repo id to keep the library in sync with (default: none; token from HF_TOKEN)")
+        group.add_argument("--hub-revision", help="branch of --hub-repo to pull from and push to (default: main)")
+        group.add_argument("--sync-interval", type=float, help="seconds between polls of --hub-repo; 0 turns polling off (default: 60)")
     group.add_argument("--max-upload-mb", type=int, help="largest upload accepted (weights, config and form fields together), in MiB (default: 512)")
 
 
@@ -45,6 +49,9 @@ def _settings_from(args: argparse.Namespace) -> Settings:
         max_new_tokens=args.max_new_tokens,
         max_input_tokens=args.max_input_tokens,
         max_upload_mb=args.max_upload_mb,
+        hub_repo=getattr(args, "hub_repo", None),
+        hub_revision=getattr(args, "hub_revision", None),
+        sync_interval=getattr(args, "sync_interval", None),
         host=getattr(args, "host", None),
         port=getattr(args, "port", None),
     )
@@ -109,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     from .evaluate import add_eval_parser
-    from .experts_cli import add_experts_parser
+    from .experts_cli import add_experts_parser, add_sync_parser
 
     add_experts_parser(commands)
+    add_sync_parser(commands)
     add_eval_parser(commands)
     return parser
 

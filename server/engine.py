@@ -30,6 +30,17 @@ from .settings import Settings
 logger = logging.getLogger(__name__)
 
 
+def _start_hub(library: ExpertLibrary, settings: Settings):
+    """Connect the library to ``settings.hub_repo`` and pull it; serve the local copy if the Hub is unreachable."""
+    if not settings.hub_repo:
+        return None
+    from quiver.library.hub import HubSync
+
+    hub = HubSync(library, settings.hub_repo, revision=settings.hub_revision)
+    hub.start()
+    return hub
+
+
 class RequestTooLargeError(ValueError):
     """A prompt or ``max_new_tokens`` beyond the server's limits."""
 
@@ -59,6 +70,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.base_model_id = str(self.model.config.name_or_path)
         self.library = ExpertLibrary(settings.resolved_library_dir, self.model, base_model_id=self.base_model_id)
+        self.hub = _start_hub(self.library, settings)
         self.router = ArrowRouter(self.model)
         self._lock = threading.Lock()
         with self._lock:

@@ -10,6 +10,7 @@ ExpertExistsError                     409     expert_exists
 InvalidExpertError                    422     invalid_expert
 InvalidRoutingError, request schema   422     invalid_request
 RequestTooLargeError                  422     request_too_large
+HubError                              its own status and code (hub_*)
 request body over the upload limit    413     upload_too_large
 any other exception                   500     internal_error
 ====================================  ======  ===================
@@ -26,6 +27,7 @@ from starlette.exceptions import HTTPException
 
 from quiver.client.models import ErrorBody
 from quiver.library import ExpertExistsError, ExpertNotFoundError, InvalidExpertError, InvalidRoutingError
+from quiver.library.hub import HubError
 
 from .engine import RequestTooLargeError
 from .limits import BODY_TOO_LARGE
@@ -52,6 +54,13 @@ def _describe_validation_error(error: dict) -> str:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers that give every error the same body shape."""
+
+    @app.exception_handler(HubError)
+    async def hub_failed(request: Request, error: HubError) -> JSONResponse:
+        response = error_response(request, error.status, error.code, str(error))
+        if error.retry_after is not None:
+            response.headers["Retry-After"] = str(int(error.retry_after + 0.999))
+        return response
 
     @app.exception_handler(ExpertNotFoundError)
     async def not_found(request: Request, error: ExpertNotFoundError) -> JSONResponse:

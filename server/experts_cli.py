@@ -112,3 +112,61 @@ def _export(args: argparse.Namespace) -> int:
         folder = client.export_expert(args.name, args.directory, overwrite=args.overwrite)
     print(json.dumps({"exported": args.name, "directory": str(folder)}) if args.json else f"exported expert {args.name} to {folder}")
     return 0
+
+
+def add_sync_parser(commands: argparse._SubParsersAction) -> None:
+    sync = commands.add_parser(
+        "sync",
+        help="sync a running server's library with its Hub repo, or show the sync status",
+        description="Sync the library of a running Quiver server with its Hub repo (QUIVER_HUB_REPO).",
+    )
+    actions = sync.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, help_text in (
+        ("pull", "pull the Hub repo's changes into the server's library (and push queued changes)"),
+        ("push", "push the server's queued changes to the Hub repo (after pulling what others pushed)"),
+        ("status", "show the local revision, the remote commit, the last sync and queued pushes"),
+    ):
+        parser = actions.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        parser.add_argument(
+            "--url",
+            default=os.environ.get("QUIVER_URL", "http://127.0.0.1:8000"),
+            help="the server's address (default: $QUIVER_URL or http://127.0.0.1:8000)",
+        )
+        parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server (default: 600)")
+        parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+        parser.set_defaults(handler=_sync_status if name == "status" else _sync_run)
+
+
+def _sync_run(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        report = client.sync()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(
+        f"{args.action}: {len(report['added'])} added, {len(report['updated'])} updated, {len(report['deleted'])} deleted, "
+        f"{report['unchanged']} unchanged, {len(report['pushed'])} pushed, {report['bytes_transferred']} bytes, "
+        f"remote {str(report['remote_sha'])[:12]}"
+    )
+    for name, error in report["failed"].items():
+        print(f"  failed {name}: {error}")
+    return 1 if report["failed"] else 0
+
+
+def _sync_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.library_status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    hub = status["hub"]
+    print(f"local revision {status['revision']}, {len(status['experts'])} experts")
+    if hub is None:
+        print("no Hub repo (set QUIVER_HUB_REPO on the server)")
+        return 0
+    print(f"hub {hub['repo_id']}@{hub['revision']}: remote {str(hub['remote_sha'])[:12]}, last sync {hub['last_sync']} ({hub['last_result']})")
+    if hub["stale"]:
+        print(f"stale since {hub['stale_since']}: {hub['last_error']}")
+    for item in hub["queued"]:
+        print(f"queued: {item}")
+    return 0

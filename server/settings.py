@@ -44,6 +44,15 @@ class Settings:
     """The largest request body accepted, in MiB: an upload's weights, config and form fields together."""
     host: str = "127.0.0.1"
     port: int = 8000
+    hub_repo: str | None = None
+    """A Hugging Face Hub model repo id (``namespace/name``) that the library is kept in sync with;
+    None keeps the library local. The token comes from ``HF_TOKEN``."""
+    hub_revision: str = "main"
+    """The branch of ``hub_repo`` to pull from and push to."""
+    sync_interval: float = 60.0
+    """Seconds between polls of ``hub_repo`` for changes; 0 turns polling off (webhooks still work)."""
+    webhook_secret: str | None = None
+    """The secret that ``POST /hub/webhook`` expects in ``X-Webhook-Secret``; None turns the webhook off."""
 
     @property
     def resolved_library_dir(self) -> Path:

@@ -7,9 +7,11 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -62,6 +64,8 @@ async def upload_expert(
 
     Send either ``adapter_config`` and ``adapter_model`` (a PEFT adapter) or ``mttl_checkpoint``.
     """
+    if request.headers.get("content-type", "").startswith("application/json"):
+        return await run_in_threadpool(_import_from_hub, engine, await _json_body(request))
     unknown = sorted(set((await request.form()).keys()) - _UPLOAD_FIELDS)
     if unknown:
         raise InvalidExpertError(
@@ -70,6 +74,44 @@ async def upload_expert(
     return await run_in_threadpool(
         _store_upload, engine, name or "", adapter_config, adapter_model, mttl_checkpoint, task, description, replace
     )
+
+
+class HubImport(BaseModel):
+    """``POST /experts`` with JSON: import one PEFT adapter from a Hub repo."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["hub"]
+    repo_id: str = Field(min_length=1, max_length=200)
+    name: str
+    subfolder: str | None = None
+    revision: str | None = Field(None, description="a branch (followed by every sync), tag or commit sha (pinned); default main")
+    replace: bool = False
+
+
+async def _json_body(request: Request) -> HubImport:
+    try:
+        return HubImport.model_validate_json(await request.body())
+    except ValidationError as error:
+        raise RequestValidationError(error.errors(include_url=False)) from None
+
+
+def _import_from_hub(engine, body: HubImport) -> Expert:
+    from quiver.library.hub import import_from_hub
+
+    info = import_from_hub(
+        engine.library, body.name, body.repo_id, subfolder=body.subfolder, revision=body.revision, replace=body.replace,
+        api=engine.hub.api if engine.hub is not None else None,
+    )
+    return _published(engine, info, replace=body.replace)
+
+
+def _published(engine, info, *, replace: bool) -> Expert:
+    """Push a stored expert to the library's Hub repo, if there is one, and return its metadata."""
+    expert = Expert(**info.to_json())
+    if engine.hub is not None:
+        expert.hub = engine.hub.record("put", info.name, replace=replace)
+    return expert
 
 
 def _store_upload(
@@ -91,6 +133,7 @@ def _store_upload(
         if mttl_checkpoint is not None:
             _save_upload(mttl_checkpoint, folder / "checkpoint.pt")
             info = library.import_mttl(name, folder / "checkpoint.pt", task=task, description=description, replace=replace)
+            return _published(engine, info, replace=replace)
         else:
             missing = [field for field, part in (("adapter_config", adapter_config), ("adapter_model", adapter_model)) if part is None]
             if missing:
@@ -104,7 +147,7 @@ def _store_upload(
             if pickled:
                 weights.rename(folder / PICKLE_WEIGHTS_FILE)  # torch.save output, read with the restricted unpickler
             info = library.add(name, folder, task=task, description=description, replace=replace)
-    return Expert(**info.to_json())
+    return _published(engine, info, replace=replace)
 
 
 @router.get(
@@ -135,6 +178,8 @@ def export_expert(name: str, engine: EngineDep) -> FileResponse:
 @router.delete("/{name}", status_code=204)
 def delete_expert(name: str, engine: EngineDep) -> Response:
     engine.library.remove(name)
+    if engine.hub is not None:
+        engine.hub.record("delete", name)
     return Response(status_code=204)
 
 
