@@ -116,7 +116,11 @@ def hub_error(error: Exception, what: str) -> HubError:
     if isinstance(error, EntryNotFoundError):
         return HubError(f"{what}: file not found on the Hub; check the subfolder", status=404, code="hub_file_not_found")
     if isinstance(error, RepositoryNotFoundError):
-        return HubError(f"{what}: repo not found on the Hub; check the repo id", status=404, code="hub_repo_not_found")
+        return HubError(
+            f"{what}: repo not found on the Hub, or it is private and the token in HF_TOKEN cannot read it; check the repo id and the token",
+            status=404,
+            code="hub_repo_not_found",
+        )
     if status == 429:
         retry_after = _retry_after(response)
         return HubError(f"{what}: the Hub is rate limiting requests (429); retry in {retry_after or 'a few'} s", status=503, code="hub_rate_limited", retry_after=retry_after)
@@ -162,7 +166,14 @@ class _RemoteFile:
 
 def _remote_files(api: HfApi, repo_id: str, revision: str, path: str | None = None) -> dict[str, _RemoteFile]:
     files = {}
-    for entry in api.list_repo_tree(repo_id, path_in_repo=path, recursive=True, revision=revision):
+    entries = api.list_repo_tree(repo_id, path_in_repo=path, recursive=True, revision=revision)
+    try:
+        entries = list(entries)
+    except EntryNotFoundError:
+        if path is None:
+            raise
+        return files  # the folder does not exist at this revision
+    for entry in entries:
         if getattr(entry, "blob_id", None) is None:
             continue  # a folder
         lfs = getattr(entry, "lfs", None)
@@ -256,7 +267,7 @@ class HubSync:
     # State
 
     def _load_state(self) -> dict:
-        state = {"remote_sha": None, "files": {}, "queue": [], "last_sync": None, "last_result": None, "last_error": None, "stale_since": None, "failures": 0}
+        state = {"remote_sha": None, "complete": True, "files": {}, "queue": [], "last_sync": None, "last_result": None, "last_error": None, "stale_since": None, "failures": 0}
         try:
             stored = json.loads(self._state_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
@@ -333,7 +344,7 @@ class HubSync:
             report = SyncReport()
             try:
                 sha = self.api.model_info(self.repo_id, revision=self.revision).sha
-                if sha == self._state["remote_sha"]:
+                if sha == self._state["remote_sha"] and self._state.get("complete", True):
                     report.unchanged = len(self.library.names())
                 else:
                     self._pull_commit(sha, report)
@@ -344,7 +355,8 @@ class HubSync:
                 raise failure from error
             report.remote_sha = sha
             report.seconds = time.monotonic() - started
-            self._state.update(remote_sha=sha, last_sync=_now(), last_result=report.summary())
+            # An expert that failed to install is retried by the next pull, even when the head has not moved.
+            self._state.update(remote_sha=sha, complete=not report.failed, last_sync=_now(), last_result=report.summary())
             self._mark_success()
             self._save_state()
             logger.info("pulled %s@%s (%s): %s", self.repo_id, self.revision, sha[:12], report.summary())
@@ -371,7 +383,9 @@ class HubSync:
             existed = name in self.library
             try:
                 report.bytes_transferred += self._install(name, files, sha)
-            except (InvalidExpertError, HubError) as error:
+            except (InvalidExpertError, HubError, httpx2.HTTPError, OSError) as error:
+                if not isinstance(error, (InvalidExpertError, HubError)):
+                    error = hub_error(error, f"downloading expert {name}")
                 report.failed[name] = str(error)
                 logger.error("cannot install expert %s from %s: %s", name, self.repo_id, error)
                 continue
@@ -480,9 +494,16 @@ class HubSync:
             except HfHubHTTPError as error:
                 status = getattr(error.response, "status_code", None)
                 if status in (409, 412) and attempt + 1 < _MAX_ATTEMPTS:
-                    self._catch_up(item)
+                    try:
+                        self._catch_up(item)
+                    except HubNameClashError:
+                        raise
+                    except (httpx2.HTTPError, OSError) as catch_up_error:
+                        raise hub_error(catch_up_error, f"pulling {self.repo_id} before pushing expert {name}") from catch_up_error
                     continue
                 raise hub_error(error, f"pushing expert {name} to {self.repo_id}") from error
+            except HubNameClashError:
+                raise
             except (httpx2.HTTPError, OSError) as error:
                 raise hub_error(error, f"pushing expert {name} to {self.repo_id}") from error
             self._after_commit(commit.oid, op, name)

@@ -1,11 +1,11 @@
 """An in-memory Hugging Face Hub that the real ``huggingface_hub`` client talks to in tests.
 
-The server keeps model repos in memory (branches, commits with full file maps, a private flag) and
-serves the routes that ``HfApi``, ``hf_hub_download``, ``snapshot_download`` and
-``PeftModel.from_pretrained`` call: repo create and delete, repo info, tree and paths listing,
-preupload, NDJSON commits, commit and ref listing, branches, and ``resolve`` downloads with HEAD and
-Range support. Tests program faults on :class:`HubState`: error statuses for the next matching
-requests, downloads cut off mid-body, and a commit by another writer that moves a branch head.
+The server keeps model repos in memory: branches, commits with full file maps, and a private flag.
+It serves the routes that ``HfApi``, ``hf_hub_download``, ``snapshot_download`` and
+``PeftModel.from_pretrained`` call. These are repo create and delete, repo info, tree and paths
+listing, preupload, NDJSON commits, commit and ref listing, branches, and ``resolve`` downloads with
+HEAD and Range support. Tests program faults on :class:`HubState`: error statuses for the next
+matching requests, downloads cut off mid-body, and a commit by another writer that moves a branch head.
 
 Usage in a test module::
 
@@ -59,7 +59,8 @@ DEFAULT_USER = "tester"
 CONFLICT_MESSAGE = "A commit has happened since. Please refresh and try again."
 INVALID_TOKEN_MESSAGE = "Invalid credentials in Authorization header"
 
-# A new repo starts with one commit holding this file, as on the Hub.
+# A new repo starts with one commit that adds a .gitattributes file, as on the Hub, whose file lists
+# more LFS patterns than this one.
 INITIAL_GITATTRIBUTES = b"*.bin filter=lfs diff=lfs merge=lfs -text\n*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
 
 # Commit shas mix in this counter, so two commits with the same files and message never share a
@@ -147,7 +148,7 @@ class Token:
     """A token the server accepts.
 
     ``namespaces`` lists the namespaces whose private repos the token can read and whose repos it
-    can write (with ``write``); None means every namespace.
+    can write (with ``write``). None means every namespace.
     """
 
     user: str
@@ -160,7 +161,7 @@ class Token:
 
 @dataclass
 class Fault:
-    """Answer the next ``remaining`` requests that match with ``status`` instead of serving them."""
+    """A programmed error: the next ``remaining`` matching requests get ``status`` instead of being served."""
 
     method: str
     path: re.Pattern[str]
@@ -175,7 +176,7 @@ class Fault:
 
 @dataclass
 class DroppedDownload:
-    """Cut off the next ``remaining`` matching file downloads after ``after_bytes`` bytes of body.
+    """A programmed cut-off: the next ``remaining`` matching downloads stop after ``after_bytes`` bytes of body.
 
     With ``after_bytes`` None the server sends half of the body it would send.
     """
@@ -187,7 +188,7 @@ class DroppedDownload:
 
 @dataclass(frozen=True)
 class LoggedRequest:
-    """One request the server answered; ``route`` names the handler, or ``fault`` for an injected error."""
+    """One request the server handled. ``route`` names the handler, or is ``fault`` for an injected error."""
 
     method: str
     path: str
@@ -221,8 +222,8 @@ class HubState:
     """Repos, tokens, programmed faults and the request log of one fake Hub.
 
     Every method takes the state's lock, so tests may call them while the server thread serves
-    requests. ``page_size`` caps the entries per page of tree and commit listings (the Hub uses
-    1000 for trees); lower it to exercise the client's ``Link`` header pagination.
+    requests. ``page_size`` caps the entries per page of tree and commit listings, and the Hub uses
+    1000 for trees. Lower it to exercise the client's ``Link`` header pagination.
     """
 
     def __init__(self) -> None:
@@ -246,7 +247,7 @@ class HubState:
     # Tokens
 
     def add_token(self, token: str, user: str, *, write: bool = True, namespaces: Iterable[str] | None = None) -> None:
-        """Accept ``token`` as ``user``; ``namespaces`` None grants every namespace (see :class:`Token`)."""
+        """Accept ``token`` as ``user``. With ``namespaces`` None it grants every namespace (see :class:`Token`)."""
         with self.lock:
             self.tokens[token] = Token(user, write=write, namespaces=None if namespaces is None else frozenset(namespaces))
 
@@ -263,7 +264,7 @@ class HubState:
         retry_after: int | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> Fault:
-        """Answer the next ``times`` requests whose decoded path matches the regex ``path`` with ``status``.
+        """Fail the next ``times`` requests whose decoded path matches the regex ``path`` with ``status``.
 
         ``method`` is an HTTP method or ``*``. ``retry_after`` adds a Retry-After header in seconds.
         The returned fault's ``remaining`` counts down as requests use it.
@@ -279,7 +280,7 @@ class HubState:
     def drop_next_download(self, path: str = "", *, times: int = 1, after_bytes: int | None = None) -> DroppedDownload:
         """Send the headers and part of the body of the next ``times`` matching GET downloads, then close the connection.
 
-        ``path`` is a regex searched in the decoded request path; the default matches every download.
+        ``path`` is a regex searched in the decoded request path, and the default matches every download.
         """
         drop = DroppedDownload(re.compile(path), times, after_bytes)
         with self.lock:
@@ -323,7 +324,7 @@ class HubState:
     # Direct access for tests, bypassing HTTP
 
     def create_repo(self, repo_id: str, *, private: bool = False, files: Mapping[str, bytes | str] | None = None) -> str:
-        """Create ``repo_id`` with the Hub's initial commit, then commit ``files`` if given; return the head sha."""
+        """Create ``repo_id`` with the Hub's initial commit, commit ``files`` if given, and return the head sha."""
         namespace, _, name = repo_id.partition("/")
         if not namespace or not name or "/" in name:
             raise ValueError(f"repo id {repo_id!r} must be 'namespace/name'")
@@ -347,7 +348,7 @@ class HubState:
         message: str = "Update files",
         author: str = DEFAULT_USER,
     ) -> str:
-        """Commit ``files`` (text is encoded as UTF-8) and remove the paths in ``delete``; return the new sha."""
+        """Commit ``files`` (text is encoded as UTF-8), remove the paths in ``delete``, and return the new sha."""
         with self.lock:
             repo = self._repo(repo_id)
             head = repo.resolve(branch)
@@ -387,7 +388,7 @@ class HubState:
             return dict(commit.files)
 
     def read_file(self, repo_id: str, path: str, revision: str = "main") -> bytes:
-        """Return the bytes of ``path`` at ``revision``; raise KeyError when it does not exist."""
+        """Return the bytes of ``path`` at ``revision``, or raise KeyError when it does not exist."""
         return self.files(repo_id, revision)[path]
 
     def commits(self, repo_id: str, branch: str = "main") -> list[Commit]:
@@ -396,7 +397,7 @@ class HubState:
             repo = self._repo(repo_id)
             return list(repo.history(repo.branches[branch]))
 
-    # Internals used by the request handlers; callers hold the lock.
+    # Internals used by the request handlers, which hold the lock while they call them.
 
     def _repo(self, repo_id: str) -> Repo:
         try:
@@ -495,7 +496,7 @@ def _resolve(repo: Repo, revision: str) -> Commit:
 
 
 def _branch(repo: Repo, revision: str) -> str:
-    """Return ``revision`` if it names a branch; commits and preuploads need one."""
+    """Return ``revision`` if it names a branch, because commits and preuploads need one."""
     if revision not in repo.branches:
         raise HubHTTPError(404, f"Branch not found: {revision} (commits go to an existing branch)", code="RevisionNotFound")
     return revision
@@ -530,6 +531,7 @@ def _model_info(state: HubState, request: Request, repo_id: str, revision: str) 
     caller = _authenticate(state, request)
     repo = _readable_repo(state, caller, repo_id)
     commit = _resolve(repo, revision)
+
     with_blobs = _flag(request.query_params.get("blobs"))
     siblings = []
     for path in sorted(commit.files):
@@ -537,6 +539,7 @@ def _model_info(state: HubState, request: Request, repo_id: str, revision: str) 
         if with_blobs:
             sibling.update(size=len(commit.files[path]), blobId=git_blob_oid(commit.files[path]))
         siblings.append(sibling)
+
     namespace = repo_id.partition("/")[0]
     info: dict[str, Any] = {
         "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24],
@@ -557,6 +560,7 @@ def _model_info(state: HubState, request: Request, repo_id: str, revision: str) 
     card_data = _card_data(commit.files.get("README.md"))
     if card_data is not None:
         info["cardData"] = card_data
+
     expand = request.query_params.getlist("expand")
     if expand:
         # Like the Hub, an expand list returns only the listed properties.
@@ -614,7 +618,10 @@ def _whoami(state: HubState, request: Request) -> Response:
             "name": token.user,
             "fullname": token.user,
             "orgs": [],
-            "auth": {"type": "access_token", "accessToken": {"displayName": "fake hub token", "role": "write" if token.write else "read"}},
+            "auth": {
+                "type": "access_token",
+                "accessToken": {"displayName": "fake hub token", "role": "write" if token.write else "read"},
+            },
         }
     )
 
@@ -748,9 +755,8 @@ def _preupload(state: HubState, request: Request, repo_id: str, revision: str, b
         path = _validate_path(item.get("path") if isinstance(item, dict) else None)
         existing = head.files.get(path)
         # The client skips a file whose oid matches the one it would upload.
-        answer.append(
-            {"path": path, "uploadMode": "regular", "shouldIgnore": False, "oid": None if existing is None else git_blob_oid(existing)}
-        )
+        oid = None if existing is None else git_blob_oid(existing)
+        answer.append({"path": path, "uploadMode": "regular", "shouldIgnore": False, "oid": oid})
     return JSONResponse({"files": answer, "commitOid": head.sha})
 
 
@@ -776,8 +782,8 @@ def _commit(state: HubState, request: Request, repo_id: str, revision: str, body
 
     head = repo.commits[repo.branches[branch]]
     parent = header.get("parentCommit")
-    # NOTE: a parentCommit shorter than 40 characters is compared as a prefix of the head sha; the
-    # real Hub's handling of short shas here is unverified.
+    # NOTE: a parentCommit shorter than 40 characters is compared as a prefix of the head sha.
+    # How the real Hub handles short shas here is unverified.
     if parent is not None and not (isinstance(parent, str) and len(parent) >= 5 and head.sha.startswith(parent.lower())):
         raise HubHTTPError(412, CONFLICT_MESSAGE)
 
@@ -786,7 +792,9 @@ def _commit(state: HubState, request: Request, repo_id: str, revision: str, body
         _apply_operation(files, line)
     sha = state._add_commit(repo, branch, files, summary, str(header.get("description") or ""), caller.token.user)
     base = str(request.base_url).rstrip("/")
-    return JSONResponse({"success": True, "commitOid": sha, "commitUrl": f"{base}/{repo_id}/commit/{sha}", "hookOutput": "", "pullRequestUrl": None})
+    return JSONResponse(
+        {"success": True, "commitOid": sha, "commitUrl": f"{base}/{repo_id}/commit/{sha}", "hookOutput": "", "pullRequestUrl": None}
+    )
 
 
 def _json_line(line: bytes) -> dict[str, Any]:
@@ -804,7 +812,7 @@ def _apply_operation(files: dict[str, bytes], line: dict[str, Any]) -> None:
     if key == "file":
         path = _validate_path(value.get("path"))
         if value.get("encoding") != "base64":
-            raise HubHTTPError(400, f"Unsupported encoding {value.get('encoding')!r} for {path}; send base64")
+            raise HubHTTPError(400, f"Unsupported encoding {value.get('encoding')!r} for {path}, expected base64")
         try:
             files[path] = base64.b64decode(value.get("content", ""), validate=True)
         except ValueError:
@@ -823,7 +831,7 @@ def _apply_operation(files: dict[str, bytes], line: dict[str, Any]) -> None:
         for name in inside:
             del files[name]
     elif key == "lfsFile":
-        raise HubHTTPError(400, "The fake Hub stores every file as a regular blob; LFS files are not supported")
+        raise HubHTTPError(400, "LFS files are not supported because the fake Hub stores every file as a regular blob")
     else:
         raise HubHTTPError(400, f"Unknown commit operation {key!r}")
 
@@ -833,7 +841,13 @@ def _list_commits(state: HubState, request: Request, repo_id: str, revision: str
     repo = _readable_repo(state, caller, repo_id)
     commit = _resolve(repo, revision)
     listing = [
-        {"id": entry.sha, "title": entry.title, "message": entry.message, "date": _hub_time(entry.date), "authors": [{"user": entry.author}]}
+        {
+            "id": entry.sha,
+            "title": entry.title,
+            "message": entry.message,
+            "date": _hub_time(entry.date),
+            "authors": [{"user": entry.author}],
+        }
         for entry in repo.history(commit.sha)
     ]
     start = int(request.query_params.get("p", "0")) * state.page_size
@@ -872,7 +886,7 @@ def _branch_route(state: HubState, request: Request, repo_id: str, branch: str, 
 
 
 def _resolve_file(state: HubState, request: Request, repo_id: str, revision: str, path: str) -> tuple[Response, bool]:
-    """Serve a file download; return the response and whether it cuts the body off."""
+    """Serve a file download, and return the response and whether it cuts the body off."""
     caller = _authenticate(state, request)
     repo = _readable_repo(state, caller, repo_id)
     commit = _resolve(repo, revision)
@@ -907,7 +921,7 @@ def _resolve_file(state: HubState, request: Request, repo_id: str, revision: str
 
 
 def _byte_range(header: str, size: int) -> tuple[int, int] | None:
-    """Return the inclusive byte span a single-range Range header asks for, or None if unsatisfiable."""
+    """Return the inclusive byte span a single-range Range header requests, or None if unsatisfiable."""
     match = _RANGE.fullmatch(header.strip())
     if match is None or not (match[1] or match[2]):
         return None
@@ -939,7 +953,7 @@ class _CutOffResponse(Response):
 
 
 def _route(state: HubState, request: Request, segments: list[str], body: bytes) -> tuple[str, Response, bool]:
-    """Dispatch a request on its path segments; return the route name, the response and whether it is cut off."""
+    """Dispatch a request on its path segments, and return the route name, the response and whether it is cut off."""
     method = request.method
     if segments[:1] == ["api"]:
         return _route_api(state, request, segments[1:], body) + (False,)
@@ -956,7 +970,8 @@ def _route_api(state: HubState, request: Request, segments: list[str], body: byt
     method = request.method
     simple = {
         ("GET", "whoami-v2"): ("whoami", lambda: _whoami(state, request)),
-        # huggingface_hub fetches the list of AI agent harnesses once per process for its user agent.
+        # With telemetry on, huggingface_hub fetches this list once per process for its user agent.
+        # use_hub turns telemetry off, so only clients outside it call this route.
         ("GET", "agent-harnesses"): ("agent_harnesses", lambda: JSONResponse({"standardEnvVars": [], "harnesses": {}})),
         ("POST", "validate-yaml"): ("validate_yaml", lambda: _validate_yaml(state, request, body)),
         ("POST", "repos/create"): ("create_repo", lambda: _create_repo(state, request, body)),
@@ -1075,8 +1090,8 @@ def use_hub(url: str, home: Path) -> Iterator[None]:
     ``huggingface_hub.constants`` and a few module-level objects, so setting the environment later
     does not reach it. This patches, as read in huggingface_hub 2.4.0:
 
-    - the endpoint: ``constants.ENDPOINT`` (read on each call by ``HfApi()``, ``hf_hub_download``
-      and ``snapshot_download``), ``constants.HUGGINGFACE_CO_URL_TEMPLATE`` (download URLs),
+    - the endpoint: ``constants.ENDPOINT`` (read whenever an ``HfApi`` is built, for example by
+      ``snapshot_download``), ``constants.HUGGINGFACE_CO_URL_TEMPLATE`` (``hf_hub_download`` URLs),
       ``huggingface_hub.hf_api.api.endpoint`` (the instance behind module-level functions such as
       ``huggingface_hub.file_exists``, which peft calls) and the ``HfApi`` that transformers caches
       in ``transformers.utils.hub._hf_api`` for ``push_to_hub``;
@@ -1110,8 +1125,8 @@ def use_hub(url: str, home: Path) -> Iterator[None]:
     def reject_other_hosts(request) -> None:
         if _origin(str(request.url)) != allowed:
             raise ForeignHostError(
-                f"huggingface_hub sent {request.method} {request.url}, but tests may only reach the fake Hub at {url}; "
-                "an HfApi or URL built before use_hub() still points elsewhere"
+                f"huggingface_hub sent {request.method} {request.url}, but tests may only reach the fake Hub at {url}. "
+                "An HfApi or URL built before use_hub() still points elsewhere."
             )
 
     async def reject_other_hosts_async(request) -> None:
@@ -1161,12 +1176,13 @@ def use_hub(url: str, home: Path) -> Iterator[None]:
             _http.set_async_client_factory(previous_async_factory)
 
 
-# Fixtures: import them into a test module (``from tests.hub_server import hub, hub_server``).
+# Fixtures. A test module imports both by name, and each importing module gets its own session-scoped
+# server. Listing this module in ``pytest_plugins`` of tests/conftest.py would share one server instead.
 
 
 @pytest.fixture(scope="session")
 def hub_server() -> Iterator[RunningHub]:
-    """One fake Hub for the whole test session; tests normally use :func:`hub` instead."""
+    """One fake Hub for the whole test session. Tests normally use :func:`hub`, which empties it first."""
     with serve_hub() as running:
         yield running
 
@@ -1174,12 +1190,6 @@ def hub_server() -> Iterator[RunningHub]:
 @pytest.fixture
 def hub(hub_server: RunningHub, tmp_path: Path) -> Iterator[RunningHub]:
     """The session's fake Hub, emptied, with the client pointed at it and HF_HOME in this test's tmp_path."""
-    from huggingface_hub.utils import build_hf_headers
-
     hub_server.state.reset()
     with use_hub(hub_server.url, tmp_path / "hf_home"):
-        # The first headers built in a process fetch the agent list (GET /api/agent-harnesses); do it
-        # now and clear the log, so request counts in tests do not depend on test order.
-        build_hf_headers()
-        hub_server.state.clear_log()
         yield hub_server
