@@ -336,3 +336,23 @@ def test_unreachable_hub_serves_local_copy(start, hub, tmp_path):
     assert names == ["one"]
     assert status["stale"] is True
     assert status["stale_since"]
+
+
+def test_sync_cli_reports_and_pulls(start, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    quiver = str(Path(sys.executable).parent / "quiver")
+    first, second = start("first"), start("second")
+    first.upload_expert(_adapter(tmp_path, "one", 1), name="one")
+    url = str(second._http.base_url)
+
+    pulled = subprocess.run([quiver, "sync", "pull", "--url", url], capture_output=True, text=True, timeout=120)
+    status = subprocess.run([quiver, "sync", "status", "--json", "--url", url], capture_output=True, text=True, timeout=120)
+
+    assert pulled.returncode == 0, pulled.stderr
+    assert "1 added" in pulled.stdout
+    assert json.loads(status.stdout)["hub"]["repo_id"] == REPO
+    assert _names(second) == ["one"]
