@@ -7,8 +7,8 @@ The repo has the library's layout, so the local folder is a working copy of it::
     <expert>/adapter_config.json, adapter_model.safetensors, expert.json, arrow.safetensors
 
 Every server on one repo is a replica. A local change (add, replace, remove) becomes one commit
-holding all of that expert's files and the card, with ``parent_commit`` set; when another
-replica committed first, the change is retried on top of the new head, and a name that the other
+holding all of that expert's files and the card, with ``parent_commit`` set. When another
+replica committed first, the change is retried on top of the new head. A name that the other
 replica added in the meantime is a clash (:class:`HubNameClashError`). A change that cannot reach
 the Hub stays queued in ``.hub-sync.json`` (local only, never pushed) and is retried with
 backoff. A pull compares the head commit first, so an unchanged repo costs one request; it then
@@ -60,7 +60,7 @@ _MAX_ATTEMPTS = 3
 
 
 class HubError(QuiverError):
-    """A Hub request failed; ``status`` and ``code`` are what the server answers its caller."""
+    """A failed Hub request, with the HTTP ``status`` and ``code`` that the server returns to its caller."""
 
     def __init__(self, message: str, *, status: int = 502, code: str = "hub_unavailable", retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -75,7 +75,7 @@ class HubNameClashError(ExpertExistsError):
 
 @dataclass
 class SyncReport:
-    """What one sync did."""
+    """The outcome of one sync: experts added, updated, deleted and pushed, and bytes transferred."""
 
     added: list[str] = field(default_factory=list)
     updated: list[str] = field(default_factory=list)

@@ -134,12 +134,36 @@ def add_sync_parser(commands: argparse._SubParsersAction) -> None:
         )
         parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server (default: 600)")
         parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+        local = parser.add_argument_group(
+            "local sync (instead of a server; shows a progress bar per file transferred)",
+        )
+        local.add_argument("--library-dir", type=Path, help="sync this library folder directly instead of asking a server")
+        local.add_argument("--hub-repo", default=os.environ.get("QUIVER_HUB_REPO"), help="Hub repo of the library (default: $QUIVER_HUB_REPO)")
+        local.add_argument("--hub-revision", default=os.environ.get("QUIVER_HUB_REVISION", "main"), help="branch (default: $QUIVER_HUB_REVISION or main)")
+        local.add_argument("--base-model", default=os.environ.get("QUIVER_BASE_MODEL"), help="base model that experts are checked against (default: the embedded model)")
         parser.set_defaults(handler=_sync_status if name == "status" else _sync_run)
 
 
+def _local_hub(args: argparse.Namespace):
+    """Open ``--library-dir`` with the base model and connect it to ``--hub-repo``."""
+    if not args.hub_repo:
+        raise ValueError("--library-dir needs --hub-repo (or QUIVER_HUB_REPO): the Hub repo to sync with")
+    from quiver.library import ExpertLibrary, load_base_model
+    from quiver.library.hub import HubSync
+
+    model, _ = load_base_model(args.base_model)
+    library = ExpertLibrary(args.library_dir, model)
+    return HubSync(library, args.hub_repo, revision=args.hub_revision)
+
+
 def _sync_run(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        report = client.sync()
+    if args.library_dir is not None:
+        hub = _local_hub(args)
+        hub.ensure_repo()
+        report = hub.sync().to_json()
+    else:
+        with _client(args) as client:
+            report = client.sync()
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -154,8 +178,12 @@ def _sync_run(args: argparse.Namespace) -> int:
 
 
 def _sync_status(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        status = client.library_status()
+    if args.library_dir is not None:
+        hub = _local_hub(args)
+        status = {"revision": hub.library.revision, "experts": hub.library.names(), "hub": hub.status()}
+    else:
+        with _client(args) as client:
+            status = client.library_status()
     if args.json:
         print(json.dumps(status, indent=2))
         return 0

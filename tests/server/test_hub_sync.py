@@ -356,3 +356,46 @@ def test_sync_cli_reports_and_pulls(start, tmp_path):
     assert "1 added" in pulled.stdout
     assert json.loads(status.stdout)["hub"]["repo_id"] == REPO
     assert _names(second) == ["one"]
+
+
+def test_local_sync_cli_shows_progress(start, hub, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    quiver = str(Path(sys.executable).parent / "quiver")
+    model_dir = tmp_path / "tiny-llama"
+    tiny_llama().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    first = start("first")
+    first.upload_expert(_adapter(tmp_path, "one", 1), name="one")
+    env = {**__import__("os").environ, "HF_TOKEN": WRITE_TOKEN}
+
+    result = subprocess.run(
+        [quiver, "sync", "pull", "--library-dir", str(tmp_path / "local"), "--hub-repo", REPO, "--base-model", str(model_dir)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "1 added" in result.stdout
+    assert "100%" in result.stderr  # a progress bar per downloaded file
+    assert (tmp_path / "local" / "one" / "adapter_model.safetensors").is_file()
+
+
+def test_offline_mode_serves_local_copy(start, hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    start("first").upload_expert(_adapter(tmp_path, "one", 1), name="one")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub.state.clear_log()
+
+    settings = Settings(cache_dir=tmp_path / "again", library_dir=tmp_path / "first" / "library", hub_repo=REPO, sync_interval=0)
+    engine = Engine(settings, model=tiny_llama(), tokenizer=tiny_tokenizer())
+    with serve(create_app(settings, engine=engine)) as url, Client(url) as offline:
+        status = offline.library_status()["hub"]
+        names = _names(offline)
+
+    assert names == ["one"]
+    assert status["stale"] is True
+    assert "HF_HUB_OFFLINE" in status["last_error"]
+    assert hub.state.requests() == []
