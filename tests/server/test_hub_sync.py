@@ -84,6 +84,7 @@ def test_upload_reaches_second_replica_after_webhook(start, hub, tmp_path):
     created = first.upload_expert(_adapter(tmp_path, "one", 1), name="one", task="first task")
 
     files = hub.state.files(REPO)
+    assert hub.state.repos[REPO].private  # created by the first replica, private
     assert created.hub == "pushed"
     assert {"one/adapter_config.json", "one/adapter_model.safetensors", "one/expert.json", "one/arrow.safetensors"} <= set(files)
     assert b"library_name: peft" in files["README.md"]
