@@ -1,25 +1,31 @@
 """Arrow routing inside the base model: every token, in every adapted module, picks its experts.
 
-:class:`ArrowRouter` replaces each adapted linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) of the base model with a
-:class:`RoutedLinear` that keeps the base layer and the factors of every expert adapting that
-module. For a token whose input to the module is x (D_in,), with the experts E in scope:
+:class:`ArrowRouter` replaces each adapted linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) of
+the base model with a :class:`RoutedLinear` that keeps the base layer and the factors of every
+expert adapting that module. For a token whose input to the module is x (D_in,), with the
+experts E in scope:
 
 1. logits ℓ_e = |v_e · x| / T, with v_e the expert's prototype and T the temperature;
 2. keep the k largest (k clamped to |E|) and take w = softmax over those k;
 3. output W·x + Σ_{e in top-k} w_e · s_e · B_e·(A_e·x), each expert with its own scale s_e.
 
-Prompt and generated tokens are routed alike. Dimension letters used in shape comments:
-N tokens, E experts in scope, K selected per token, R rank, D_in and D_out the module's sizes.
+Each layer keeps the experts' factors stacked once, on the model's device and in its dtype:
+A (E, R, D_in) and s·B (E, D_out, R), with smaller ranks zero-padded to the largest. Only the k
+selected experts are computed per token: by gathering their factors when the batch is small
+(decode steps), or by grouping tokens per expert when it is large (prompts). The stacks are
+rebuilt only when the experts change (:meth:`ArrowRouter.load_experts`), never per request.
 
-NOTE: this is the plain reference implementation. It already computes only the selected
-experts (tokens are grouped by expert), but loops over experts in Python and keeps one factor
-pair per expert rather than a stacked tensor.
+Every row of a batch may carry its own :class:`RoutingSettings` (experts in scope, k,
+temperature, method, or a fixed weighted mix of named experts), so requests with different
+settings share one forward pass. Dimension letters used in shape comments: N tokens, E experts,
+K selected per token, R rank, D_in and D_out the module's sizes, B sequences, T positions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -72,6 +78,9 @@ class RoutingSettings:
     method: str = "arrow"
     pooling: str = "module"
     sequence_weight: float = 0.5
+    weights: tuple[tuple[str, float], ...] | None = None
+    """A fixed mix instead of routing: (expert, weight) pairs, the output being the weighted sum of
+    those experts' outputs. One pair with weight 1 serves a single adapter (multi-LoRA serving)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
@@ -84,14 +93,30 @@ class RoutingSettings:
             raise InvalidRoutingError(f"pooling is {self.pooling!r}; expected one of {', '.join(POOLING_MODES)}")
         if not 0 <= self.sequence_weight <= 1:
             raise InvalidRoutingError(f"sequence_weight is {self.sequence_weight!r}; expected a number from 0 to 1")
+        if self.weights is not None:
+            if not self.weights:
+                raise InvalidRoutingError("weights is empty; name at least one expert with its weight")
+            names = [name for name, _ in self.weights]
+            if len(set(names)) != len(names):
+                raise InvalidRoutingError(f"weights names an expert twice: {names}")
+            for name, weight in self.weights:
+                if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
+                    raise InvalidRoutingError(f"the weight of expert {name!r} is {weight!r}; expected a finite number")
 
     @property
     def needs_input_means(self) -> bool:
-        return self.method != "arrow"
+        return self.weights is None and self.method != "arrow"
 
     @property
     def needs_prompt_scores(self) -> bool:
-        return self.method in ("sequence", "hybrid")
+        return self.weights is None and self.method in ("sequence", "hybrid")
+
+    @property
+    def named_experts(self) -> tuple[str, ...]:
+        """The experts these settings name, which must be loaded."""
+        if self.weights is not None:
+            return tuple(name for name, _ in self.weights)
+        return self.experts or ()
 
 
 class RoutingRecorder:
@@ -132,12 +157,40 @@ class RoutingRecorder:
 
 
 class _RouterState:
-    """Settings and recorder shared by every routed layer of one model."""
+    """Settings and recorder shared by every routed layer of one model.
+
+    ``groups`` splits the batch rows by settings: one ``(settings, rows)`` pair per distinct
+    settings, ``rows`` None meaning every row. Every layer reads it, so it is computed once per
+    request batch rather than per layer.
+    """
 
     def __init__(self) -> None:
-        self.settings = RoutingSettings()
+        self.groups: list[tuple[RoutingSettings, torch.Tensor | None]] = [(RoutingSettings(), None)]
         self.recorder: RoutingRecorder | None = None
         self.scoring_mask: torch.Tensor | None = None  # (B, T) while a prompt scoring pass runs
+        self.reference = False
+
+    @property
+    def settings(self) -> RoutingSettings:
+        return self.groups[0][0]
+
+    def set(self, settings: RoutingSettings | Sequence[RoutingSettings]) -> None:
+        if isinstance(settings, RoutingSettings):
+            self.groups = [(settings, None)]
+            return
+        distinct: dict[RoutingSettings, list[int]] = {}
+        for row, row_settings in enumerate(settings):
+            distinct.setdefault(row_settings, []).append(row)
+        if len(distinct) == 1:
+            self.groups = [(next(iter(distinct)), None)]
+        else:
+            self.groups = [(group, torch.tensor(rows)) for group, rows in distinct.items()]
+
+
+GATHER_MAX_PAIRS = 64
+"""Up to this many (token, expert) pairs, the selected factors are gathered and applied in one
+batched product (decode steps); above it, tokens are grouped per expert (prompts), which avoids
+copying factors per token."""
 
 
 class RoutedLinear(nn.Module):
@@ -149,19 +202,19 @@ class RoutedLinear(nn.Module):
         super().__init__()
         self.name = name
         self.base = base
+        self._state = state
         # nn.Linear stores its weight as (D_out, D_in); GPT-2's Conv1D as (D_in, D_out).
         d_out, d_in = base.weight.shape if isinstance(base, nn.Linear) else base.weight.shape[::-1]
         self.in_features, self.out_features = int(d_in), int(d_out)
-        self._state = state
         self.expert_names: list[str] = []
         self._position: dict[str, int] = {}
-        self.lora_a = nn.ParameterList()  # E × (R_e, D_in)
-        self.lora_b = nn.ParameterList()  # E × (D_out, R_e)
         weight = base.weight
-        self.register_buffer("scales", torch.empty(0), persistent=False)  # (E,)
-        self.register_buffer("prototypes", torch.empty(0, self.in_features), persistent=False)  # (E, D_in)
-        self.register_buffer("input_mean", torch.zeros(self.in_features, device=weight.device, dtype=weight.dtype), persistent=False)  # (D_in,)
-        # Prompt scores of the experts in scope, (B, E): pooled by a scoring pass, then the
+        options = {"device": weight.device, "dtype": weight.dtype}
+        self.register_buffer("lora_a", torch.empty(0, 0, self.in_features, **options), persistent=False)  # (E, R, D_in)
+        self.register_buffer("lora_b", torch.empty(0, self.out_features, 0, **options), persistent=False)  # (E, D_out, R), scale folded in
+        self.register_buffer("prototypes", torch.empty(0, self.in_features, **options), persistent=False)  # (E, D_in)
+        self.register_buffer("input_mean", torch.zeros(self.in_features, **options), persistent=False)  # (D_in,)
+        # Prompt scores of every expert of this layer, (B, E): pooled by a scoring pass, then the
         # per-sequence logits that the sequence and hybrid methods apply to every token.
         self.prompt_scores: torch.Tensor | None = None
         self.sequence_logits: torch.Tensor | None = None
@@ -170,18 +223,30 @@ class RoutedLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
-    def set_experts(self, names: Sequence[str], lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], scales: Sequence[float], prototypes: Sequence[torch.Tensor]) -> None:
-        """Replace the experts of this layer; factors are moved to the base layer's device and dtype."""
+    def set_experts(
+        self,
+        names: Sequence[str],
+        lora_a: Sequence[torch.Tensor],
+        lora_b: Sequence[torch.Tensor],
+        scales: Sequence[float],
+        prototypes: Sequence[torch.Tensor],
+    ) -> None:
+        """Stack the factors of this layer's experts on the base layer's device and dtype, replacing the old ones."""
         weight = self.base.weight
+        options = {"device": weight.device, "dtype": weight.dtype}
         self.expert_names = list(names)
         self._position = {name: index for index, name in enumerate(self.expert_names)}
-        self.lora_a = nn.ParameterList([nn.Parameter(a.to(weight.device, weight.dtype), requires_grad=False) for a in lora_a])
-        self.lora_b = nn.ParameterList([nn.Parameter(b.to(weight.device, weight.dtype), requires_grad=False) for b in lora_b])
-        self.scales = torch.tensor(list(scales), dtype=weight.dtype, device=weight.device)  # (E,)
+        rank = max((a.shape[0] for a in lora_a), default=0)
+        stacked_a = torch.zeros(len(lora_a), rank, self.in_features, **options)  # (E, R, D_in)
+        stacked_b = torch.zeros(len(lora_b), self.out_features, rank, **options)  # (E, D_out, R)
+        for index, (a, b, scale) in enumerate(zip(lora_a, lora_b, scales)):
+            stacked_a[index, : a.shape[0]] = a.to(**options)
+            stacked_b[index, :, : b.shape[1]] = (b.to(torch.float32) * scale).to(**options)
+        self.lora_a, self.lora_b = stacked_a, stacked_b
         if prototypes:
-            self.prototypes = torch.stack(list(prototypes)).to(weight.device, weight.dtype)  # (E, D_in)
+            self.prototypes = torch.stack(list(prototypes)).to(**options)  # (E, D_in)
         else:
-            self.prototypes = torch.empty(0, self.in_features, device=weight.device, dtype=weight.dtype)
+            self.prototypes = torch.empty(0, self.in_features, **options)
 
     def set_input_mean(self, mean: torch.Tensor | None) -> None:
         """Set μ, the base model's mean input to this layer; None sets zeros (plain Arrow)."""
@@ -199,7 +264,7 @@ class RoutedLinear(nn.Module):
 
     def token_logits(self, flat: torch.Tensor, scope: list[int], method: str) -> torch.Tensor:
         """Return the unscaled logits (N, E) of the tokens ``flat`` (N, D_in) for the experts in ``scope``."""
-        prototypes = self.prototypes[torch.tensor(scope, device=flat.device)]  # (E, D_in)
+        prototypes = self.prototypes if len(scope) == len(self.expert_names) else self.prototypes[scope]  # (E, D_in)
         if method == "arrow":
             return (flat @ prototypes.T).abs()  # (N, E)
         centered = flat - self.input_mean  # (N, D_in)
@@ -208,61 +273,115 @@ class RoutedLinear(nn.Module):
             return logits
         return logits / centered.norm(dim=-1, keepdim=True).clamp_min(1e-6)  # (N, E)
 
-    def _routing_logits(self, x: torch.Tensor, flat: torch.Tensor, scope: list[int]) -> torch.Tensor:
-        settings = self._state.settings
-        if settings.method in ("arrow", "centered", "normalized"):
-            return self.token_logits(flat, scope, settings.method)  # (N, E)
-
-        if self.sequence_logits is None:
-            raise QuiverError(f"routing method {settings.method!r} needs the prompt scores; score the prompt first")
-        batch, length = x.shape[0], x.shape[1]
-        sequence = self.sequence_logits[:, None, :].expand(batch, length, -1).reshape(batch * length, -1)  # (N, E)
-        if settings.method == "sequence":
-            return sequence
-        token = self.token_logits(flat, scope, "normalized")  # (N, E)
-        return (1 - settings.sequence_weight) * token + settings.sequence_weight * sequence
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         output = self.base(x)
         state = self._state
-        settings = state.settings
-        scope = self.scope(settings.experts)
-        if not scope:
+        if not self.expert_names:
             return output
-
         flat = x.reshape(-1, x.shape[-1])  # (N, D_in)
         if state.scoring_mask is not None:
-            self._pool_prompt_scores(flat, scope, state.scoring_mask)
+            self._pool_prompt_scores(flat, state.scoring_mask)
             return output
 
-        # 1. Logits of every expert in scope, per token.
-        logits = self._routing_logits(x, flat, scope) / settings.temperature  # (N, E)
-
-        # 2. Top-k experts per token, softmax over the k kept.
-        k = min(settings.top_k, len(scope))
-        top_logits, top_index = logits.topk(k, dim=-1)  # (N, K), (N, K)
-        top_weights = torch.softmax(top_logits.float(), dim=-1).to(x.dtype)  # (N, K)
-        weights = torch.zeros_like(logits).scatter(1, top_index, top_weights)  # (N, E)
-
-        # 3. Weighted sum of the selected experts' outputs, computing each expert on its tokens only.
-        update = torch.zeros(flat.shape[0], output.shape[-1], device=x.device, dtype=output.dtype)  # (N, D_out)
-        for column, expert in enumerate(scope):
-            tokens = (top_index == column).any(dim=-1).nonzero().squeeze(-1)  # (N_e,)
-            if tokens.numel() == 0:
+        batch, length = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, flat.shape[0])
+        update = None
+        for settings, rows in state.groups:
+            tokens = flat if rows is None else x[rows.to(x.device)].reshape(-1, x.shape[-1])  # (N_g, D_in)
+            selected = self._select(tokens, settings, rows, length)
+            if selected is None:
                 continue
-            hidden = flat[tokens] @ self.lora_a[expert].T  # (N_e, R)
-            expert_output = hidden @ self.lora_b[expert].T  # (N_e, D_out)
-            update.index_add_(0, tokens, expert_output * (weights[tokens, column] * self.scales[expert]).unsqueeze(-1))
-
-        if state.recorder is not None:
-            names = [self.expert_names[index] for index in scope]
-            state.recorder.record(self.name, names, weights.reshape(*x.shape[:-1], len(scope)))
-
+            index, weights, names, dense = selected
+            if state.reference:
+                group_update = self._reference_update(tokens, index, weights)
+            else:
+                group_update = self._sparse_update(tokens, index, weights)  # (N_g, D_out)
+            if state.recorder is not None and dense is not None:
+                state.recorder.record(self.name, names, dense.reshape(-1, length, len(names)))
+            if rows is None:
+                update = group_update
+            else:
+                if update is None:
+                    update = torch.zeros(batch, length, output.shape[-1], device=x.device, dtype=output.dtype)
+                update = update.reshape(batch, length, -1)
+                update[rows.to(x.device)] = group_update.reshape(len(rows), length, -1)
+        if update is None:
+            return output
         return output + update.reshape(output.shape)
 
-    def _pool_prompt_scores(self, flat: torch.Tensor, scope: list[int], mask: torch.Tensor) -> None:
-        """Average the normalized logits over each prompt's tokens, ignoring padding."""
+    def _select(self, tokens: torch.Tensor, settings: RoutingSettings, rows: torch.Tensor | None, length: int):
+        """Return the selected experts (N, K), their weights (N, K), the scope's names and dense weights (N, E), or None."""
+        if settings.weights is not None:
+            fixed = [(self._position[name], weight) for name, weight in settings.weights if name in self._position]
+            if not fixed:
+                return None
+            index = torch.tensor([position for position, _ in fixed], device=tokens.device).expand(tokens.shape[0], -1)  # (N, K)
+            weights = torch.tensor([weight for _, weight in fixed], device=tokens.device, dtype=tokens.dtype).expand(tokens.shape[0], -1)
+            names = [self.expert_names[position] for position, _ in fixed]
+            return index, weights, names, None
+
+        scope = self.scope(settings.experts)
+        if not scope:
+            return None
+        logits = self._routing_logits(tokens, scope, settings, rows, length) / settings.temperature  # (N, E)
+        k = min(settings.top_k, len(scope))
+        top_logits, top_local = logits.topk(k, dim=-1)  # (N, K)
+        weights = torch.softmax(top_logits.float(), dim=-1).to(tokens.dtype)  # (N, K)
+        scope_index = torch.tensor(scope, device=tokens.device)
+        dense = None
+        if self._state.recorder is not None:
+            dense = torch.zeros_like(logits).scatter(1, top_local, weights)  # (N, E)
+        return scope_index[top_local], weights, [self.expert_names[i] for i in scope], dense
+
+    def _routing_logits(self, tokens: torch.Tensor, scope: list[int], settings: RoutingSettings, rows, length: int) -> torch.Tensor:
+        if settings.method in ("arrow", "centered", "normalized"):
+            return self.token_logits(tokens, scope, settings.method)  # (N, E)
+        if self.sequence_logits is None:
+            raise QuiverError(f"routing method {settings.method!r} needs the prompt scores; score the prompt first")
+        per_row = self.sequence_logits if rows is None else self.sequence_logits[rows.to(self.sequence_logits.device)]  # (B_g, E_all)
+        per_row = per_row[:, scope].to(tokens.dtype)  # (B_g, E)
+        sequence = per_row.repeat_interleave(length, dim=0)  # (N, E)
+        if settings.method == "sequence":
+            return sequence
+        token = self.token_logits(tokens, scope, "normalized")  # (N, E)
+        return (1 - settings.sequence_weight) * token + settings.sequence_weight * sequence
+
+    def _sparse_update(self, tokens: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Return Σ_k w_k · s·B_k·(A_k·x) for each token, computing only the selected experts."""
+        count, k = index.shape
+        if count * k <= GATHER_MAX_PAIRS:
+            pairs = index.reshape(-1)  # (N·K,)
+            inputs = tokens.repeat_interleave(k, dim=0)[:, :, None]  # (N·K, D_in, 1)
+            hidden = torch.bmm(self.lora_a[pairs], inputs) * weights.reshape(-1, 1, 1)  # (N·K, R, 1)
+            outputs = torch.bmm(self.lora_b[pairs], hidden)  # (N·K, D_out, 1)
+            return outputs.reshape(count, k, -1).sum(dim=1)  # (N, D_out)
+
+        pairs = index.reshape(-1)  # (N·K,)
+        order = torch.argsort(pairs, stable=True)
+        experts, counts = torch.unique_consecutive(pairs[order], return_counts=True)
+        token_of_pair = order // k
+        weight_of_pair = weights.reshape(-1)[order]
+        update = torch.zeros(count, self.out_features, device=tokens.device, dtype=tokens.dtype)  # (N, D_out)
+        start = 0
+        for expert, size in zip(experts.tolist(), counts.tolist()):
+            members = token_of_pair[start : start + size]  # (N_e,)
+            hidden = (tokens[members] @ self.lora_a[expert].T) * weight_of_pair[start : start + size, None]  # (N_e, R)
+            update.index_add_(0, members, hidden @ self.lora_b[expert].T)  # (N_e, D_out)
+            start += size
+        return update
+
+    def _reference_update(self, tokens: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The plain version of :meth:`_sparse_update`, one token and one expert at a time, for tests."""
+        update = torch.zeros(tokens.shape[0], self.out_features, device=tokens.device, dtype=tokens.dtype)
+        for token in range(tokens.shape[0]):
+            for slot in range(index.shape[1]):
+                expert = int(index[token, slot])
+                update[token] += weights[token, slot] * (self.lora_b[expert] @ (self.lora_a[expert] @ tokens[token]))
+        return update
+
+    def _pool_prompt_scores(self, flat: torch.Tensor, mask: torch.Tensor) -> None:
+        """Average the normalized logits of every expert over each prompt's tokens, ignoring padding."""
         batch, length = mask.shape
+        scope = list(range(len(self.expert_names)))
         logits = self.token_logits(flat, scope, "normalized").reshape(batch, length, -1).float()  # (B, T, E)
         weights = mask.to(logits.dtype)[..., None]  # (B, T, 1)
         self.prompt_scores = (logits * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)  # (B, E)
@@ -324,7 +443,7 @@ class ArrowRouter:
 
     def check_settings(self, settings: RoutingSettings) -> None:
         """Raise for experts in ``settings`` that are not loaded, or a method that lacks statistics."""
-        for name in settings.experts or ():
+        for name in settings.named_experts:
             if name not in self.expert_names:
                 raise ExpertNotFoundError(name, self.expert_names)
         if settings.needs_input_means and self.input_means is None:
@@ -333,23 +452,35 @@ class ArrowRouter:
                 "use method 'arrow' or load them with set_input_means"
             )
 
+    @property
+    def reference(self) -> bool:
+        """Whether routed layers use the plain one-token-at-a-time computation (for tests)."""
+        return self._state.reference
+
+    @reference.setter
+    def reference(self, value: bool) -> None:
+        self._state.reference = bool(value)
+
     @contextlib.contextmanager
-    def routing(self, settings: RoutingSettings, recorder: RoutingRecorder | None = None) -> Iterator[None]:
+    def routing(self, settings: RoutingSettings | Sequence[RoutingSettings], recorder: RoutingRecorder | None = None) -> Iterator[None]:
         """Route forward passes inside the block with ``settings``, reporting to ``recorder``.
 
-        For the ``sequence`` and ``hybrid`` methods, call :meth:`score_prompt` inside the block
-        before generating.
-
-        NOTE: the settings apply to the whole model, so one routed forward pass serves one
-        request's settings at a time; callers serialise requests.
+        ``settings`` applies to every row of the batch, or is a sequence with one entry per row,
+        so that requests with different settings share one forward pass. For the ``sequence``
+        and ``hybrid`` methods, call :meth:`score_prompt` inside the block before generating.
         """
-        self.check_settings(settings)
-        previous = (self._state.settings, self._state.recorder)
-        self._state.settings, self._state.recorder = settings, recorder
+        rows = [settings] if isinstance(settings, RoutingSettings) else list(settings)
+        if not rows:
+            raise InvalidRoutingError("routing needs settings for at least one row")
+        for row_settings in set(rows):
+            self.check_settings(row_settings)
+        previous = (self._state.groups, self._state.recorder)
+        self._state.set(settings)
+        self._state.recorder = recorder
         try:
             yield
         finally:
-            self._state.settings, self._state.recorder = previous
+            self._state.groups, self._state.recorder = previous
             for layer in self.layers.values():
                 layer.prompt_scores = None
                 layer.sequence_logits = None
@@ -360,11 +491,11 @@ class ArrowRouter:
 
         Runs the base model alone over ``input_ids`` (B, T), pools each layer's normalized scores
         over the unpadded prompt tokens and stores the resulting logits in the layers. With
-        ``pooling="vote"``, every layer votes for its best expert and all layers share the vote
-        shares as logits. Does nothing for the other methods.
+        ``pooling="vote"``, every layer votes for its best expert in scope and all layers share
+        the vote shares as logits. Does nothing when no row uses those methods.
         """
-        settings = self._state.settings
-        if not settings.needs_prompt_scores:
+        groups = self._state.groups
+        if not any(settings.needs_prompt_scores for settings, _ in groups):
             return
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         self._state.scoring_mask = mask
@@ -374,19 +505,40 @@ class ArrowRouter:
             self._state.scoring_mask = None
 
         active = [layer for layer in self.layers.values() if layer.prompt_scores is not None]
-        if settings.pooling == "module":
-            for layer in active:
-                layer.sequence_logits = layer.prompt_scores.to(layer.weight.dtype)
-            return
+        for layer in active:
+            layer.sequence_logits = torch.zeros_like(layer.prompt_scores)  # (B, E_layer)
+        for settings, rows in groups:
+            if not settings.needs_prompt_scores:
+                continue
+            row_index = torch.arange(input_ids.shape[0]) if rows is None else rows
+            if settings.pooling == "module":
+                for layer in active:
+                    layer.sequence_logits[row_index] = layer.prompt_scores[row_index.to(layer.prompt_scores.device)]
+            else:
+                self._vote(active, settings, row_index)
+        for layer in active:
+            layer.sequence_logits = layer.sequence_logits.to(layer.weight.dtype)
 
-        names = sorted({name for layer in active for name in (layer.expert_names[i] for i in layer.scope(settings.experts))})
+    @staticmethod
+    def _vote(layers: list[RoutedLinear], settings: RoutingSettings, rows: torch.Tensor) -> None:
+        """Give every layer, for ``rows``, the share of layers whose best expert in scope is each expert."""
+        names = sorted({layer.expert_names[i] for layer in layers for i in layer.scope(settings.experts)})
         column = {name: index for index, name in enumerate(names)}
-        votes = torch.zeros(input_ids.shape[0], len(names))  # (B, E_all)
-        for layer in active:
-            layer_names = [layer.expert_names[i] for i in layer.scope(settings.experts)]
-            winners = layer.prompt_scores.argmax(dim=-1).cpu()  # (B,)
-            votes[torch.arange(votes.shape[0]), torch.tensor([column[layer_names[w]] for w in winners.tolist()])] += 1
-        shares = votes / votes.sum(dim=-1, keepdim=True).clamp_min(1)  # (B, E_all)
-        for layer in active:
-            layer_columns = [column[layer.expert_names[i]] for i in layer.scope(settings.experts)]
-            layer.sequence_logits = shares[:, layer_columns].to(layer.weight.device, layer.weight.dtype)  # (B, E)
+        votes = torch.zeros(len(rows), len(names))  # (B_g, E_all)
+        for layer in layers:
+            scope = layer.scope(settings.experts)
+            if not scope:
+                continue
+            scores = layer.prompt_scores[rows.to(layer.prompt_scores.device)][:, scope]  # (B_g, E)
+            winners = scores.argmax(dim=-1).cpu()  # (B_g,)
+            votes[torch.arange(len(rows)), torch.tensor([column[layer.expert_names[scope[w]]] for w in winners.tolist()])] += 1
+        shares = votes / votes.sum(dim=-1, keepdim=True).clamp_min(1)  # (B_g, E_all)
+        for layer in layers:
+            scope = layer.scope(settings.experts)
+            if not scope:
+                continue
+            layer_columns = [column[layer.expert_names[i]] for i in scope]
+            values = shares[:, layer_columns].to(layer.sequence_logits.device, layer.sequence_logits.dtype)  # (B_g, E)
+            block = layer.sequence_logits[rows.to(layer.sequence_logits.device)]
+            block[:, scope] = values
+            layer.sequence_logits[rows.to(layer.sequence_logits.device)] = block
