@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -39,6 +39,22 @@ class RoutingParameters(_Strict):
     experts: list[str] | None = Field(None, description="experts in scope; null for all, an empty list for the base model alone")
 
 
+class MergedAdapters(_Strict):
+    """A fixed weighted mix of named experts instead of routing (LoRAX's ``merged_adapters``)."""
+
+    ids: list[str] = Field(..., min_length=1, description="the experts to mix")
+    weights: list[float] | None = Field(None, description="one weight per expert; null for equal weights summing to 1")
+    merge_strategy: Literal["linear"] = Field("linear", description="'linear': the output is the weighted sum of the experts' outputs")
+
+    @model_validator(mode="after")
+    def _same_length(self) -> MergedAdapters:
+        if self.weights is not None and len(self.weights) != len(self.ids):
+            raise ValueError(f"weights has {len(self.weights)} entries for {len(self.ids)} ids; give one weight per id")
+        if len(set(self.ids)) != len(self.ids):
+            raise ValueError(f"ids names an expert twice: {self.ids}")
+        return self
+
+
 class GenerateParameters(_Strict):
     max_new_tokens: int = Field(20, ge=1, description="maximum number of tokens to generate")
     temperature: float | None = Field(None, ge=1e-2, description="sampling temperature, at least 0.01; only used with do_sample")
@@ -46,6 +62,14 @@ class GenerateParameters(_Strict):
     do_sample: bool = Field(False, description="sample instead of greedy decoding")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="random seed for sampling; the same seed gives the same output")
     routing: RoutingParameters = Field(default_factory=RoutingParameters)
+    adapter_id: str | None = Field(None, description="serve this one expert alone, without routing (multi-LoRA serving)")
+    merged_adapters: MergedAdapters | None = Field(None, description="serve a fixed weighted mix of experts, without routing")
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> GenerateParameters:
+        if self.adapter_id is not None and self.merged_adapters is not None:
+            raise ValueError("set adapter_id or merged_adapters, not both")
+        return self
 
 
 class GenerateRequest(_Strict):

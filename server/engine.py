@@ -91,6 +91,26 @@ class Engine:
             logger.error("skipping expert %s, which cannot be loaded: %s", name, error)
         self.router.load_experts(experts, revision)
 
+    def routing_settings(self, parameters: GenerateParameters) -> RoutingSettings:
+        """Return the routing settings of a request, filling unset fields with the server's defaults."""
+        routing = parameters.routing
+        weights = None
+        if parameters.adapter_id is not None:
+            weights = ((parameters.adapter_id, 1.0),)
+        elif parameters.merged_adapters is not None:
+            merged = parameters.merged_adapters
+            values = merged.weights or [1.0 / len(merged.ids)] * len(merged.ids)
+            weights = tuple(zip(merged.ids, values))
+        return RoutingSettings(
+            top_k=routing.top_k or self.settings.routing_top_k,
+            temperature=routing.temperature or self.settings.routing_temperature,
+            experts=None if routing.experts is None else tuple(routing.experts),
+            method=routing.method or self.settings.routing_method,
+            pooling=routing.pooling or self.settings.routing_pooling,
+            sequence_weight=routing.sequence_weight,
+            weights=weights,
+        )
+
     def generate(self, inputs: str, parameters: GenerateParameters) -> GenerationResult:
         """Generate a continuation of ``inputs`` with Arrow routing across the library.
 
@@ -115,15 +135,7 @@ class Engine:
                 f"the prompt has {prompt_tokens} tokens; this server accepts at most {self.settings.max_input_tokens}"
             )
 
-        routing = parameters.routing
-        settings = RoutingSettings(
-            top_k=routing.top_k or self.settings.routing_top_k,
-            temperature=routing.temperature or self.settings.routing_temperature,
-            experts=None if routing.experts is None else tuple(routing.experts),
-            method=routing.method or self.settings.routing_method,
-            pooling=routing.pooling or self.settings.routing_pooling,
-            sequence_weight=routing.sequence_weight,
-        )
+        settings = self.routing_settings(parameters)
         sampling = {"do_sample": parameters.do_sample}
         if parameters.do_sample:
             sampling.update(temperature=parameters.temperature or 1.0, top_p=parameters.top_p or 1.0, top_k=0)
@@ -150,7 +162,7 @@ class Engine:
             details=GenerateDetails(
                 generated_tokens=len(new_tokens),
                 finish_reason="eos_token" if finished else "length",
-                routing=recorder.mean_weights(),
+                routing=dict(settings.weights) if settings.weights is not None else recorder.mean_weights(),
             ),
         )
         return GenerationResult(response, prompt_tokens, time.perf_counter() - started)

@@ -158,3 +158,35 @@ def test_cli_add_bad_folder_fails_with_one_line(tmp_path):
     assert result.returncode == 1
     assert "is not a PEFT LoRA adapter folder" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_adapter_id_serves_one_expert_like_peft(client, tmp_path):
+    client.upload_expert(make_adapter(tiny_llama(), tmp_path / "one", seed=8, alpha=64), name="one")
+    client.upload_expert(make_adapter(tiny_llama(), tmp_path / "two", seed=9, alpha=64), name="two")
+    tokenizer = tiny_tokenizer()
+    peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "two").eval()
+    encoded = tokenizer("abc 123", return_tensors="pt")
+    with torch.no_grad():
+        output = peft_model.generate(**encoded, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+
+    served = client.generate("abc 123", max_new_tokens=8, adapter_id="two")
+
+    assert served.generated_text == tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert served.details.routing == {"two": 1.0}
+
+
+def test_merged_adapters_and_their_errors(client, base_url, tmp_path):
+    import httpx
+
+    client.upload_expert(make_adapter(tiny_llama(), tmp_path / "one", seed=8), name="one")
+    client.upload_expert(make_adapter(tiny_llama(), tmp_path / "two", seed=9), name="two")
+
+    merged = client.generate("abc", max_new_tokens=3, merged_adapters={"ids": ["one", "two"], "weights": [0.25, 0.75]})
+    both = httpx.post(f"{base_url}/generate", json={"inputs": "abc", "parameters": {"adapter_id": "one", "merged_adapters": {"ids": ["two"]}}})
+    uneven = httpx.post(f"{base_url}/generate", json={"inputs": "abc", "parameters": {"merged_adapters": {"ids": ["one", "two"], "weights": [1.0]}}})
+    unknown = httpx.post(f"{base_url}/generate", json={"inputs": "abc", "parameters": {"adapter_id": "ghost"}})
+
+    assert merged.details.routing == {"one": 0.25, "two": 0.75}
+    assert both.status_code == 422 and "not both" in both.json()["detail"]
+    assert uneven.status_code == 422 and "one weight per id" in uneven.json()["detail"]
+    assert unknown.status_code == 404 and "'ghost'" in unknown.json()["detail"]
