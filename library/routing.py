@@ -191,7 +191,7 @@ GATHER_MAX_PAIRS = 64
 """Up to this many (token, expert) pairs, the selected factors are gathered per pair and applied
 in one batched product (decode steps). Above it, tokens are grouped per expert (prompts), so each
 selected expert's factors are read once. A padded batched product over all groups measured
-2.3-2.7× slower than this loop on 2 CPU cores at 64-256 experts, since its products have an
+2.2-3.2× slower than this loop on 2 CPU cores at 64-256 experts, since its products have an
 inner size of only the rank."""
 
 
