@@ -146,7 +146,7 @@ class Client:
                     members = zipped.namelist()
                     unexpected = [member for member in members if member not in _EXPORTED_FILES]
                     if unexpected:
-                        raise QuiverClientError(f"the server's archive for {name!r} holds unexpected entries {unexpected}; not extracted")
+                        raise QuiverClientError(f"the server's archive for {name!r} contains unexpected entries {unexpected}; not extracted")
                     directory.mkdir(parents=True, exist_ok=True)
                     for member in members:
                         (directory / member).write_bytes(zipped.read(member))

@@ -78,7 +78,7 @@ LINEAR_TYPES = (nn.Linear, Conv1D)
 
 @dataclass(frozen=True)
 class BaseModules:
-    """What the adapter checks need to know about a base model's modules."""
+    """The facts about a base model's modules that the adapter checks use."""
 
     shapes: dict[str, tuple[int, int]]
     """(D_in, D_out) of every linear layer (``nn.Linear`` or ``Conv1D``), by module name."""
@@ -88,7 +88,7 @@ class BaseModules:
     """The output embedding, which ``all-linear`` leaves out as PEFT does."""
     complete: bool = True
     """False when the modules were derived from an adapter's own weights rather than a model,
-    so a target without weights cannot be told apart from a target the model lacks."""
+    so a target without weights cannot be distinguished from a target the model lacks."""
 
     @classmethod
     def of(cls, model: nn.Module) -> BaseModules:

@@ -11,9 +11,9 @@ holding all of that expert's files and the card, with ``parent_commit`` set. Whe
 replica committed first, the change is retried on top of the new head. A name that the other
 replica added in the meantime is a clash (:class:`HubNameClashError`). A change that cannot reach
 the Hub stays queued in ``.hub-sync.json`` (local only, never pushed) and is retried with
-backoff. A pull compares the head commit first, so an unchanged repo costs one request; it then
-downloads only the experts whose files changed, checks the size and hash of each file, and
-installs each expert in one step, so a half-downloaded expert is never visible.
+backoff. A pull compares the head commit first, so an unchanged repo costs one request. It then
+downloads only the experts whose files changed and checks the size and hash of each file. Each
+expert is installed in one step, so a half-downloaded expert is never visible.
 
 All Hub traffic goes through ``huggingface_hub``, which reads ``HF_ENDPOINT``, ``HF_TOKEN`` and
 ``HF_HUB_OFFLINE`` as it defines them.
@@ -44,7 +44,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .adapter import CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE
+from .adapter import CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE, sha256_file
 from .arrow import ARROW_FILE
 from .errors import ExpertExistsError, InvalidExpertError, QuiverError
 from .store import CARD_FILE, EXPERT_FILE, EXPERT_NAME_PATTERN, FORMAT_VERSION, MANIFEST_FILE, ExpertInfo, ExpertLibrary, render_model_card
@@ -107,7 +107,7 @@ def hub_error(error: Exception, what: str) -> HubError:
         return HubError(f"{what}: the Hub refused access (403); the token in HF_TOKEN cannot read or write this repo", status=403, code="hub_forbidden")
     if status == 401:
         return HubError(
-            f"{what}: the Hub answered 401: the repo is private or does not exist, and the request had no token that can read it; set HF_TOKEN",
+            f"{what}: the Hub returned 401: the repo is private or does not exist, and the request had no token that can read it; set HF_TOKEN",
             status=403,
             code="hub_unauthorized",
         )
@@ -127,7 +127,7 @@ def hub_error(error: Exception, what: str) -> HubError:
     if status is not None and status >= 500:
         return HubError(f"{what}: the Hub failed with {status}; retry later", status=502, code="hub_unavailable")
     if status is not None:
-        return HubError(f"{what}: the Hub answered {status}: {error}", status=502, code="hub_error")
+        return HubError(f"{what}: the Hub returned {status}: {error}", status=502, code="hub_error")
     return HubError(f"{what}: cannot reach the Hub ({type(error).__name__}: {error})", status=503, code="hub_unreachable")
 
 
@@ -142,14 +142,6 @@ def _retry_after(response) -> float | None:
 def _git_blob_sha1(path: Path) -> str:
     digest = hashlib.sha1()
     digest.update(f"blob {path.stat().st_size}\0".encode())
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
@@ -177,7 +169,12 @@ def _remote_files(api: HfApi, repo_id: str, revision: str, path: str | None = No
         if getattr(entry, "blob_id", None) is None:
             continue  # a folder
         lfs = getattr(entry, "lfs", None)
-        oid = (lfs.sha256 if hasattr(lfs, "sha256") else lfs["sha256"]) if lfs else entry.blob_id
+        if not lfs:
+            oid = entry.blob_id
+        elif hasattr(lfs, "sha256"):
+            oid = lfs.sha256
+        else:
+            oid = lfs["sha256"]
         files[entry.path] = _RemoteFile(entry.path, int(entry.size), oid, bool(lfs))
     return files
 
@@ -187,7 +184,7 @@ def _download(api: HfApi, repo_id: str, remote: _RemoteFile, revision: str, targ
     with tempfile.TemporaryDirectory(prefix="quiver-download-") as folder:
         downloaded = Path(api.hf_hub_download(repo_id, remote.path, revision=revision, local_dir=folder))
         size = downloaded.stat().st_size
-        digest = _sha256(downloaded) if remote.lfs else _git_blob_sha1(downloaded)
+        digest = sha256_file(downloaded) if remote.lfs else _git_blob_sha1(downloaded)
         if size != remote.size or digest != remote.oid:
             raise HubError(
                 f"{repo_id}/{remote.path}: downloaded {size} bytes with hash {digest[:12]}, expected {remote.size} bytes with {remote.oid[:12]}",
@@ -214,7 +211,7 @@ def import_from_hub(
     revision asked for (``source_ref``) and the commit served (``source_revision``).
 
     Raises:
-        HubError: the repo, revision or files cannot be read (status and code say which).
+        HubError: the repo, revision or files cannot be read (the status and code tell which).
         InvalidExpertError, ExpertExistsError: as for an upload.
     """
     api = api or HfApi()

@@ -116,7 +116,7 @@ class LoadedExpert:
 def check_expert_name(name: object) -> str:
     """Return ``name`` if it is a valid expert name, else raise :class:`InvalidExpertNameError`.
 
-    The error says what is wrong with the name: its length, the characters that are not
+    The error names what is wrong with the name: its length, the characters that are not
     allowed, its first character, or that it is reserved.
     """
     rule = "use 1-64 ASCII letters, digits, '_' or '-', starting with a letter or digit"
@@ -408,7 +408,7 @@ class ExpertLibrary:
                 )
 
     def _same_base(self, adapter_base: object) -> bool:
-        """Whether an adapter's ``base_model_name_or_path`` names the served model (an id, or a folder of that name)."""
+        """Return whether an adapter's ``base_model_name_or_path`` names the served model (an id, or a folder of that name)."""
         if not isinstance(adapter_base, str) or not adapter_base:
             return True
         return adapter_base == self.base_model_id or Path(adapter_base).name == Path(self.base_model_id).name
@@ -532,7 +532,7 @@ def render_model_card(base_model: str, experts: list[ExpertInfo]) -> str:
 
 
 def render_expert_card(info: ExpertInfo) -> str:
-    """Return the README.md of one exported expert: Hub front matter, then what Quiver knows of it."""
+    """Return the README.md of one exported expert: Hub front matter, then the expert's metadata."""
     lines = [
         "---",
         "library_name: peft",
@@ -557,7 +557,7 @@ def render_expert_card(info: ExpertInfo) -> str:
 
 
 def _process_alive(pid: str) -> bool:
-    """Whether the process that named a staging folder ``<pid>-...`` is still running on this machine."""
+    """Return whether the process that named a staging folder ``<pid>-...`` is still running on this machine."""
     if not pid.isdigit():
         return False
     try:

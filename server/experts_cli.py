@@ -11,6 +11,16 @@ import os
 from pathlib import Path
 
 
+def _add_client_options(parser: argparse.ArgumentParser, *, timeout: float) -> None:
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("QUIVER_URL", "http://127.0.0.1:8000"),
+        help="the server's address (default: $QUIVER_URL or http://127.0.0.1:8000)",
+    )
+    parser.add_argument("--timeout", type=float, default=timeout, help=f"seconds to wait for each response (default: {timeout:g})")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
 def add_experts_parser(commands: argparse._SubParsersAction) -> None:
     experts = commands.add_parser(
         "experts",
@@ -21,13 +31,7 @@ def add_experts_parser(commands: argparse._SubParsersAction) -> None:
 
     def action(name: str, help: str, handler) -> argparse.ArgumentParser:
         parser = actions.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
-        parser.add_argument(
-            "--url",
-            default=os.environ.get("QUIVER_URL", "http://127.0.0.1:8000"),
-            help="the server's address (default: $QUIVER_URL or http://127.0.0.1:8000)",
-        )
-        parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each response (default: 300)")
-        parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+        _add_client_options(parser, timeout=300.0)
         parser.set_defaults(handler=handler)
         return parser
 
@@ -127,13 +131,7 @@ def add_sync_parser(commands: argparse._SubParsersAction) -> None:
         ("status", "show the local revision, the remote commit, the last sync and queued pushes"),
     ):
         parser = actions.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
-        parser.add_argument(
-            "--url",
-            default=os.environ.get("QUIVER_URL", "http://127.0.0.1:8000"),
-            help="the server's address (default: $QUIVER_URL or http://127.0.0.1:8000)",
-        )
-        parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server (default: 600)")
-        parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+        _add_client_options(parser, timeout=600.0)
         local = parser.add_argument_group(
             "local sync (instead of a server; shows a progress bar per file transferred)",
         )

@@ -6,7 +6,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 BODY_TOO_LARGE = "quiver.body_too_large"
-"""Scope key set when a request body passes the limit, so the error handlers answer 413 even
+"""Scope key set when a request body passes the limit, so the error handlers return 413 even
 when the framework wrapped the error raised inside its body reader (multipart parsing reads in
 a task group, and FastAPI reports any other failure there as a 400)."""
 

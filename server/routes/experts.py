@@ -58,7 +58,7 @@ async def upload_expert(
     ] = None,
     task: Annotated[str | None, Form(description="the task the expert was trained for")] = None,
     description: Annotated[str | None, Form()] = None,
-    replace: Annotated[bool, Form(description="swap an existing expert of that name for this one instead of answering 409")] = False,
+    replace: Annotated[bool, Form(description="swap an existing expert of that name for this one instead of returning 409")] = False,
 ) -> Expert:
     """Validate an uploaded LoRA adapter, compute its Arrow prototypes and store it.
 

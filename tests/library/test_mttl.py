@@ -60,8 +60,10 @@ def test_conversion_matches_peft_layout(adapter, tmp_path):
     converted = load_file(tmp_path / "converted" / "adapter_model.safetensors")
     assert converted.keys() == original.keys()
     assert all(torch.equal(converted[key], original[key]) for key in original)
-    assert expert.config["r"] == 4 and expert.config["lora_alpha"] == 8
-    assert expert.task == "add two numbers" and expert.expert_name == "adder"
+    assert expert.config["r"] == 4
+    assert expert.config["lora_alpha"] == 8
+    assert expert.task == "add two numbers"
+    assert expert.expert_name == "adder"
 
 
 def test_imported_expert_gives_peft_logits(model, adapter, tmp_path):

@@ -141,15 +141,20 @@ def test_cli_experts_commands(base_url, tmp_path):
     removed = _quiver("experts", "rm", "cli", "--url", base_url)
     missing = _quiver("experts", "show", "cli", "--url", base_url)
 
-    assert added.returncode == 0 and "added expert cli" in added.stdout
+    assert added.returncode == 0
+    assert "added expert cli" in added.stdout
     assert [expert["name"] for expert in json.loads(listed.stdout)] == ["cli"]
     assert "task: demo" in shown.stdout
-    assert exported.returncode == 0 and (tmp_path / "out" / "adapter_model.safetensors").is_file()
-    assert again.returncode == 1 and "already exists" in again.stderr
+    assert exported.returncode == 0
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert again.returncode == 1
+    assert "already exists" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
-    assert replaced.returncode == 0 and "replaced expert cli" in replaced.stdout
+    assert replaced.returncode == 0
+    assert "replaced expert cli" in replaced.stdout
     assert removed.returncode == 0
-    assert missing.returncode == 1 and "not found" in missing.stderr
+    assert missing.returncode == 1
+    assert "not found" in missing.stderr
 
 
 def test_cli_add_bad_folder_fails_with_one_line(tmp_path):
@@ -187,6 +192,9 @@ def test_merged_adapters_and_their_errors(client, base_url, tmp_path):
     unknown = httpx.post(f"{base_url}/generate", json={"inputs": "abc", "parameters": {"adapter_id": "ghost"}})
 
     assert merged.details.routing == {"one": 0.25, "two": 0.75}
-    assert both.status_code == 422 and "not both" in both.json()["detail"]
-    assert uneven.status_code == 422 and "one weight per id" in uneven.json()["detail"]
-    assert unknown.status_code == 404 and "'ghost'" in unknown.json()["detail"]
+    assert both.status_code == 422
+    assert "not both" in both.json()["detail"]
+    assert uneven.status_code == 422
+    assert "one weight per id" in uneven.json()["detail"]
+    assert unknown.status_code == 404
+    assert "'ghost'" in unknown.json()["detail"]

@@ -141,8 +141,10 @@ def test_one_changed_expert_transfers_only_its_files(start, hub, tmp_path):
     report = second.sync()
 
     downloads = {entry.path for entry in hub.state.requests(method="GET", path="/resolve/")}
-    assert report["updated"] == ["two"] and report["unchanged"] == 2
-    assert downloads and all("/two/" in path for path in downloads)
+    assert report["updated"] == ["two"]
+    assert report["unchanged"] == 2
+    assert downloads
+    assert all("/two/" in path for path in downloads)
     stored = second.engine.library.path("two") / "adapter_model.safetensors"
     assert stored.read_bytes() == (tmp_path / "adapters" / "two-new" / "adapter_model.safetensors").read_bytes()
 
@@ -179,7 +181,8 @@ def test_failed_push_is_queued_and_completes(start, hub, tmp_path, status, retry
     assert created.hub == "queued"
     assert _names(replica) == ["one"]
     assert status_now["queued"] == ["put one"]
-    assert status_now["stale"] and status_now["last_error"]
+    assert status_now["stale"]
+    assert status_now["last_error"]
     assert "one/adapter_config.json" not in hub.state.files(REPO)
     hub.state.faults.clear()
 
@@ -277,7 +280,8 @@ def test_imported_expert_follows_its_branch(start, hub, tmp_path):
     second_commit = _publish(hub, "alice/adder", _adapter(tmp_path, "v2", 2), "second version")
     report = replica.sync()
 
-    assert followed.source_ref == "main" and followed.source_revision == first_commit
+    assert followed.source_ref == "main"
+    assert followed.source_revision == first_commit
     assert pinned.source_revision == first_commit
     assert report["updated"] == ["adder"]
     assert replica.get_expert("adder").source_revision == second_commit

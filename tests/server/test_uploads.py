@@ -268,7 +268,8 @@ def test_declared_oversize_upload_refused_before_reading(base_url, settings, kep
     response = _raw_exchange(base_url, head)  # no body is ever sent
 
     assert response.startswith(b"HTTP/1.1 413"), response[:200]
-    assert b"upload_too_large" in response and b"QUIVER_MAX_UPLOAD_MB" in response
+    assert b"upload_too_large" in response
+    assert b"QUIVER_MAX_UPLOAD_MB" in response
     assert time.monotonic() - started < 30
     assert _state(base_url, settings.library_dir) == before
 
@@ -292,7 +293,8 @@ def test_streamed_oversize_upload_refused_while_streaming(base_url, settings, ke
     response = _raw_exchange(base_url, head, chunks)
 
     assert response.startswith(b"HTTP/1.1 413"), response[:200]
-    assert b"upload_too_large" in response and b"while streaming" in response
+    assert b"upload_too_large" in response
+    assert b"while streaming" in response
     assert _state(base_url, settings.library_dir) == before
 
 
