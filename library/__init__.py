@@ -25,7 +25,7 @@ from .errors import (
     LibraryFormatError,
     QuiverError,
 )
-from .routing import ArrowRouter, InvalidRoutingError, RoutedLinear, RoutingRecorder, RoutingSettings
+from .routing import ArrowRouter, InvalidRoutingError, RoutedLinear, RoutingRecorder, RoutingSettings, RowRecorder
 from .store import ExpertInfo, ExpertLibrary, LoadedExpert, check_expert_name
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "RoutedLinear",
     "RoutingRecorder",
     "RoutingSettings",
+    "RowRecorder",
     "check_expert_name",
     "compute_prototype",
     "compute_prototypes",

@@ -112,7 +112,7 @@ class _TraceRecorder:
     def __init__(self) -> None:
         self.weights: dict[str, tuple[list[str], torch.Tensor]] = {}
 
-    def record(self, module: str, expert_names: Sequence[str], weights: torch.Tensor) -> None:
+    def record(self, module: str, expert_names: Sequence[str], weights: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         self.weights[module] = (list(expert_names), weights.detach().float().cpu())
 
 

@@ -133,8 +133,12 @@ class RoutingRecorder:
         self._top1_counts: dict[str, int] = defaultdict(int)
         self.decisions = 0
 
-    def record(self, module: str, expert_names: Sequence[str], weights: torch.Tensor) -> None:
-        """Add one decision per sequence from ``weights`` (B, T, E), dense over ``expert_names``."""
+    def record(self, module: str, expert_names: Sequence[str], weights: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Add one decision per sequence from ``weights`` (B, T, E), dense over ``expert_names``.
+
+        ``rows`` gives the batch rows that ``weights`` covers (None: every row); this recorder
+        pools all rows together.
+        """
         last = weights[:, -1].detach().float()  # (B, E)
         sums = last.sum(dim=0).tolist()  # (E,)
         top1 = torch.bincount(last.argmax(dim=-1), minlength=len(expert_names)).tolist()  # (E,)
@@ -156,6 +160,62 @@ class RoutingRecorder:
         return {name: count / self.decisions for name, count in sorted(self._top1_counts.items())}
 
 
+class RowRecorder:
+    """Accumulates routing weights per batch row, so that requests sharing a batch are told apart.
+
+    Like :class:`RoutingRecorder`, each routed module reports the weights of the last position
+    of every row; the sums stay on the model's device until :meth:`mean_weights` is called.
+    """
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.expert_names: list[str] = []
+        self._column: dict[str, int] = {}
+        self._columns: dict[tuple[str, ...], torch.Tensor] = {}
+        self._sums: torch.Tensor | None = None  # (B, E_all)
+        self._seen = torch.zeros(batch_size, 0, dtype=torch.bool)  # (B, E_all): the experts in each row's scope
+        self._decisions = torch.zeros(batch_size)  # (B,)
+
+    def record(self, module: str, expert_names: Sequence[str], weights: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Add the last position's weights (B_g, T, E) of ``rows`` (None: every row)."""
+        key = tuple(expert_names)
+        columns = self._columns.get(key)
+        if columns is None:
+            for name in key:
+                if name not in self._column:
+                    self._column[name] = len(self.expert_names)
+                    self.expert_names.append(name)
+            columns = self._columns[key] = torch.tensor([self._column[name] for name in key])
+        last = weights[:, -1].detach().float()  # (B_g, E)
+        if self._sums is None:
+            self._sums = torch.zeros(self.batch_size, 0, device=last.device)
+        if self._sums.shape[1] < len(self.expert_names):
+            grown = self._sums.new_zeros(self.batch_size, len(self.expert_names))
+            grown[:, : self._sums.shape[1]] = self._sums
+            self._sums = grown
+            seen = torch.zeros(self.batch_size, len(self.expert_names), dtype=torch.bool)
+            seen[:, : self._seen.shape[1]] = self._seen
+            self._seen = seen
+        row_index = torch.arange(self.batch_size) if rows is None else rows.cpu()
+        self._sums.index_put_((row_index[:, None].to(last.device), columns[None, :].to(last.device)), last, accumulate=True)
+        self._seen[row_index[:, None], columns[None, :]] = True
+        self._decisions[row_index] += 1
+
+    def mean_weights(self) -> list[dict[str, float]]:
+        """Return, per row, each expert's weight averaged over that row's decisions."""
+        if self._sums is None:
+            return [{} for _ in range(self.batch_size)]
+        sums = self._sums.cpu()
+        result = []
+        for row in range(self.batch_size):
+            decisions = float(self._decisions[row])
+            if not decisions:
+                result.append({})
+                continue
+            result.append({name: float(sums[row, column]) / decisions for name, column in self._column.items() if self._seen[row, column]})
+        return result
+
+
 class _RouterState:
     """Settings and recorder shared by every routed layer of one model.
 
@@ -166,7 +226,7 @@ class _RouterState:
 
     def __init__(self) -> None:
         self.groups: list[tuple[RoutingSettings, torch.Tensor | None]] = [(RoutingSettings(), None)]
-        self.recorder: RoutingRecorder | None = None
+        self.recorder: RoutingRecorder | RowRecorder | None = None
         self.scoring_mask: torch.Tensor | None = None  # (B, T) while a prompt scoring pass runs
         self.reference = False
 
@@ -298,7 +358,7 @@ class RoutedLinear(nn.Module):
             else:
                 group_update = self._sparse_update(tokens, index, weights)  # (N_g, D_out)
             if state.recorder is not None and dense is not None:
-                state.recorder.record(self.name, names, dense.reshape(-1, length, len(names)))
+                state.recorder.record(self.name, names, dense.reshape(-1, length, len(names)), rows)
             if rows is None:
                 update = group_update
             else:
@@ -465,12 +525,19 @@ class ArrowRouter:
         self._state.reference = bool(value)
 
     @contextlib.contextmanager
-    def routing(self, settings: RoutingSettings | Sequence[RoutingSettings], recorder: RoutingRecorder | None = None) -> Iterator[None]:
+    def routing(
+        self,
+        settings: RoutingSettings | Sequence[RoutingSettings],
+        recorder: RoutingRecorder | RowRecorder | None = None,
+        sequence_logits: dict[str, torch.Tensor] | None = None,
+    ) -> Iterator[None]:
         """Route forward passes inside the block with ``settings``, reporting to ``recorder``.
 
         ``settings`` applies to every row of the batch, or is a sequence with one entry per row,
         so that requests with different settings share one forward pass. For the ``sequence``
-        and ``hybrid`` methods, call :meth:`score_prompt` inside the block before generating.
+        and ``hybrid`` methods, call :meth:`score_prompt` inside the block before generating,
+        or pass the ``sequence_logits`` that :meth:`sequence_logits` returned after scoring
+        (one row per batch row), which lets a request keep its prompt's mix across batches.
         """
         rows = [settings] if isinstance(settings, RoutingSettings) else list(settings)
         if not rows:
@@ -480,6 +547,9 @@ class ArrowRouter:
         previous = (self._state.groups, self._state.recorder)
         self._state.set(settings)
         self._state.recorder = recorder
+        if sequence_logits is not None:
+            for name, logits in sequence_logits.items():
+                self.layers[name].sequence_logits = logits
         try:
             yield
         finally:
@@ -521,6 +591,11 @@ class ArrowRouter:
                 self._vote(active, settings, row_index)
         for layer in active:
             layer.sequence_logits = layer.sequence_logits.to(layer.weight.dtype)
+
+    def sequence_logits(self) -> dict[str, torch.Tensor] | None:
+        """Return the per-row sequence logits (B, E_layer) of every layer that :meth:`score_prompt` set, or None."""
+        logits = {name: layer.sequence_logits for name, layer in self.layers.items() if layer.sequence_logits is not None}
+        return logits or None
 
     @staticmethod
     def _vote(layers: list[RoutedLinear], settings: RoutingSettings, rows: torch.Tensor) -> None:

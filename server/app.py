@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from .engine import Engine
 from .errors import install_error_handlers
 from .limits import BodyLimitMiddleware
-from .routes import experts, generate, health, library
+from .routes import experts, generate, health, library, openai
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine = engine or Engine(settings)
+        owns_engine = engine is None
         logger.info("serving %s with library %s", app.state.engine.base_model_id, settings.resolved_library_dir)
         stop = threading.Event()
         poller = None
@@ -60,6 +61,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         stop.set()
         if poller is not None:
             poller.join(timeout=10)
+        if owns_engine:
+            app.state.engine.close()
         logger.info("server stopped")
 
     app = FastAPI(title="Quiver", summary="LoRA experts routed per token with Arrow", lifespan=lifespan)
@@ -71,8 +74,15 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         # A client's id is kept when it is short and printable, because it goes into logs and headers.
         valid = 0 < len(supplied) <= 128 and supplied.isascii() and supplied.isprintable()
         request.state.request_id = supplied if valid else uuid.uuid4().hex
+        started = time.perf_counter()
         response = await call_next(request)
         response.headers["X-Request-ID"] = request.state.request_id
+        engine = getattr(request.app.state, "engine", None)
+        if engine is not None:
+            # The route's template, not the path, so that expert names do not multiply the series.
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            engine.metrics.requests.labels(route, str(response.status_code)).inc()
+            engine.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
         return response
 
     # Only uploads carry large bodies, but the limit holds for every request.
@@ -82,4 +92,5 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.include_router(experts.router)
     app.include_router(generate.router)
     app.include_router(library.router)
+    app.include_router(openai.router)
     return app

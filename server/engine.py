@@ -1,30 +1,34 @@
 """The inference engine: the base model, its routed layers and the expert library, used together.
 
-Requests are served one at a time under a lock, because routing settings apply to the whole
-model during a forward pass. Before each request the engine compares the library revision with
-the one its routed layers were built from, and reloads the experts when they differ.
+Requests are tokenized and checked here, then handed to the :class:`~.batching.Batcher`, which
+runs all of them through shared forward passes. Between batches the batcher compares the
+library revision with the one the routed layers were built from, and reloads the experts when
+they differ.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
-import time
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from quiver.client.models import GenerateDetails, GenerateParameters, GenerateResponse
-from quiver.library import (
-    ArrowRouter,
-    ExpertLibrary,
-    RoutingRecorder,
-    RoutingSettings,
-    load_base_model,
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
 )
+
+from quiver.client.models import GenerateDetails, GenerateParameters, GenerateResponse, Token
+from quiver.library import ArrowRouter, ExpertLibrary, ExpertNotFoundError, RoutingSettings, load_base_model
 from quiver.library.statistics import load_or_compute_input_means
 
+from .batching import Batcher, Failed, Finished, FrequencyPenaltyLogitsProcessor, Job, TokenEvent
+from .metrics import Metrics
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -45,6 +49,10 @@ class RequestTooLargeError(ValueError):
     """A prompt or ``max_new_tokens`` beyond the server's limits."""
 
 
+class ChatTemplateMissingError(ValueError):
+    """A chat request to a model whose tokenizer has no chat template."""
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     response: GenerateResponse
@@ -53,10 +61,11 @@ class GenerationResult:
 
 
 class Engine:
-    """Owns the model, tokenizer, library and router of one server."""
+    """Owns the model, tokenizer, library, router and batcher of one server."""
 
     def __init__(self, settings: Settings, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         """Load the base model named by ``settings``, or serve ``model`` and ``tokenizer`` when both are given."""
+        settings.check()
         self.settings = settings
         # Reject a bad default routing at startup rather than on the first request.
         RoutingSettings(
@@ -72,15 +81,31 @@ class Engine:
         self.library = ExpertLibrary(settings.resolved_library_dir, self.model, base_model_id=self.base_model_id)
         self.hub = _start_hub(self.library, settings)
         self.router = ArrowRouter(self.model)
-        self._lock = threading.Lock()
-        with self._lock:
-            self._refresh()
-            with torch.inference_mode(), self.router.routing(RoutingSettings(experts=())):
-                self.router.set_input_means(load_or_compute_input_means(self.library.root, self.model, self.tokenizer))
+        self.metrics = Metrics()
+        self._refresh()
+        with torch.inference_mode(), self.router.routing(RoutingSettings(experts=())):
+            self.router.set_input_means(load_or_compute_input_means(self.library.root, self.model, self.tokenizer))
+        self.batcher = Batcher(
+            self.model,
+            self.tokenizer,
+            self.router,
+            max_batch_size=settings.max_batch_size,
+            max_queue=settings.max_queue,
+            max_prefill_tokens=max(settings.max_batch_prefill_tokens, settings.max_input_tokens),
+            refresh=self._refresh,
+            needs_refresh=lambda: self.library.revision != self.router.revision,
+            observer=self.metrics.batch_observer(),
+        )
+        self.metrics.watch(self.batcher)
+        self.max_total_tokens = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
 
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    def close(self) -> None:
+        """Stop the batcher; requests still in flight fail with a clear error."""
+        self.batcher.close()
 
     def _refresh(self) -> None:
         """Reload the routed experts when the library changed since they were loaded."""
@@ -111,58 +136,147 @@ class Engine:
             weights=weights,
         )
 
-    def generate(self, inputs: str, parameters: GenerateParameters) -> GenerationResult:
-        """Generate a continuation of ``inputs`` with Arrow routing across the library.
+    def encode(self, inputs: str, truncate: int | None = None) -> list[int]:
+        """Tokenize a prompt, keeping its last ``truncate`` tokens when set.
 
         Raises:
-            RequestTooLargeError: the prompt or ``max_new_tokens`` exceeds the server's limits.
-            ExpertNotFoundError: ``routing.experts`` names an expert that is not in the library.
+            RequestTooLargeError: the prompt is longer than the server accepts.
         """
-        if parameters.max_new_tokens > self.settings.max_new_tokens:
-            raise RequestTooLargeError(
-                f"max_new_tokens is {parameters.max_new_tokens}; this server allows at most {self.settings.max_new_tokens}"
-            )
         # A token is rarely longer than a few dozen characters, so a much longer text can be
         # rejected before the tokenizer spends time on it.
-        if len(inputs) > 64 * self.settings.max_input_tokens:
+        if truncate is None and len(inputs) > 64 * self.settings.max_input_tokens:
             raise RequestTooLargeError(
                 f"the prompt has {len(inputs)} characters; this server accepts at most {self.settings.max_input_tokens} tokens"
             )
-        encoded = self.tokenizer(inputs, return_tensors="pt").to(self.device)
-        prompt_tokens = encoded["input_ids"].shape[1]
-        if prompt_tokens > self.settings.max_input_tokens:
+        ids = self.tokenizer(inputs)["input_ids"]
+        if truncate is not None:
+            ids = ids[-truncate:]
+        if len(ids) > self.settings.max_input_tokens:
             raise RequestTooLargeError(
-                f"the prompt has {prompt_tokens} tokens; this server accepts at most {self.settings.max_input_tokens}"
+                f"the prompt has {len(ids)} tokens; this server accepts at most {self.settings.max_input_tokens}; "
+                "shorten it or set parameters.truncate"
             )
+        return ids
 
+    def submit(
+        self,
+        prompt_ids: list[int],
+        parameters: GenerateParameters,
+        *,
+        request_id: str,
+        loop: asyncio.AbstractEventLoop | None = None,
+        stop_at_eos: bool = True,
+    ) -> Job:
+        """Queue a generation of ``prompt_ids``; its events arrive on the returned job.
+
+        Raises:
+            RequestTooLargeError: ``max_new_tokens`` or the total length exceeds the server's limits.
+            ExpertNotFoundError: the request names an expert that is not in the library.
+            InvalidRoutingError: the routing settings cannot be applied.
+            QueueFullError: too many requests are waiting already.
+        """
+        max_new_tokens = parameters.max_new_tokens or 20
+        if max_new_tokens > self.settings.max_new_tokens:
+            raise RequestTooLargeError(
+                f"max_new_tokens is {max_new_tokens}; this server allows at most {self.settings.max_new_tokens}"
+            )
+        if not prompt_ids:
+            raise RequestTooLargeError("the prompt has no tokens; give at least one")
+        if self.max_total_tokens and len(prompt_ids) + max_new_tokens > self.max_total_tokens:
+            raise RequestTooLargeError(
+                f"the prompt's {len(prompt_ids)} tokens plus max_new_tokens {max_new_tokens} exceed the model's "
+                f"{self.max_total_tokens} positions; shorten the prompt or lower max_new_tokens"
+            )
         settings = self.routing_settings(parameters)
-        sampling = {"do_sample": parameters.do_sample}
-        if parameters.do_sample:
-            sampling.update(temperature=parameters.temperature or 1.0, top_p=parameters.top_p or 1.0, top_k=0)
-
-        started = time.perf_counter()
-        recorder = RoutingRecorder()
-        with self._lock:
-            self._refresh()
-            with torch.inference_mode(), self.router.routing(settings, recorder):
-                self.router.score_prompt(encoded["input_ids"], encoded["attention_mask"])
-                if parameters.seed is not None:
-                    torch.manual_seed(parameters.seed)
-                output = self.model.generate(
-                    **encoded,
-                    max_new_tokens=parameters.max_new_tokens,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                    eos_token_id=self.tokenizer.eos_token_id,
-                    **sampling,
-                )
-        new_tokens = output[0, prompt_tokens:].tolist()
-        finished = bool(new_tokens) and new_tokens[-1] == self.tokenizer.eos_token_id
-        response = GenerateResponse(
-            generated_text=self.tokenizer.decode(new_tokens, skip_special_tokens=True),
-            details=GenerateDetails(
-                generated_tokens=len(new_tokens),
-                finish_reason="eos_token" if finished else "length",
-                routing=dict(settings.weights) if settings.weights is not None else recorder.mean_weights(),
-            ),
+        known = set(self.library.names())
+        for name in settings.named_experts:
+            if name not in known:
+                raise ExpertNotFoundError(name, sorted(known))
+        if settings.needs_input_means and self.router.input_means is None:
+            self.router.check_settings(settings)
+        eos = set() if parameters.ignore_eos_token or not stop_at_eos else _eos_ids(self.model, self.tokenizer)
+        job = Job(
+            request_id=request_id,
+            prompt_ids=list(prompt_ids),
+            max_new_tokens=max_new_tokens,
+            routing=settings,
+            processors=_processors(parameters, len(prompt_ids)),
+            sample=parameters.sampling,
+            seed=parameters.seed,
+            stop=tuple(parameters.stop),
+            eos_token_ids=frozenset(eos),
+            prefill_details=parameters.details and parameters.decoder_input_details,
+            timeout=self.settings.request_timeout,
+            loop=loop,
         )
-        return GenerationResult(response, prompt_tokens, time.perf_counter() - started)
+        self.batcher.submit(job)
+        return job
+
+    def generate(self, inputs: str, parameters: GenerateParameters, request_id: str = "local") -> GenerationResult:
+        """Generate a continuation of ``inputs`` and wait for it (a blocking call for scripts and tests).
+
+        Raises:
+            RequestTooLargeError: the prompt or ``max_new_tokens`` exceeds the server's limits.
+            ExpertNotFoundError: the request names an expert that is not in the library.
+        """
+        prompt_ids = self.encode(inputs, parameters.truncate)
+        job = self.submit(prompt_ids, parameters, request_id=request_id)
+        tokens: list[TokenEvent] = []
+        for event in job.iter_events():
+            if isinstance(event, TokenEvent):
+                tokens.append(event)
+            elif isinstance(event, Failed):
+                raise event.error
+            else:
+                return GenerationResult(build_response(event, tokens, parameters, inputs), event.prompt_tokens, event.seconds)
+        raise RuntimeError("the generation ended without a result")  # pragma: no cover - iter_events always ends with one
+
+
+def build_response(finished: Finished, tokens: list[TokenEvent], parameters: GenerateParameters, inputs: str) -> GenerateResponse:
+    """The TGI-style response of a finished generation."""
+    text = finished.generated_text
+    if parameters.return_full_text:
+        text = inputs + text
+    details = parameters.details
+    return GenerateResponse(
+        generated_text=text,
+        details=GenerateDetails(
+            finish_reason=finished.finish_reason,
+            generated_tokens=finished.generated_tokens,
+            prompt_tokens=finished.prompt_tokens,
+            seed=finished.seed,
+            prefill=[Token(id=token.id, text=token.text, logprob=token.logprob) for token in finished.prefill] if details else [],
+            tokens=[Token(id=t.id, text=t.text, logprob=t.logprob, special=t.special) for t in tokens] if details else [],
+            routing=finished.routing,
+        ),
+    )
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The token ids that end a generation: the tokenizer's and the generation config's end-of-sequence tokens."""
+    ids: set[int] = set()
+    for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(item) for item in value)
+    return ids
+
+
+def _processors(parameters: GenerateParameters, prompt_length: int) -> LogitsProcessorList:
+    """The transformers logits processors of a request's penalties and sampling settings."""
+    processors = LogitsProcessorList()
+    if parameters.repetition_penalty not in (None, 1.0):
+        processors.append(RepetitionPenaltyLogitsProcessor(parameters.repetition_penalty))
+    if parameters.frequency_penalty:
+        processors.append(FrequencyPenaltyLogitsProcessor(parameters.frequency_penalty, prompt_length))
+    if parameters.sampling:
+        if parameters.temperature not in (None, 1.0):
+            processors.append(TemperatureLogitsWarper(parameters.temperature))
+        if parameters.top_k:
+            processors.append(TopKLogitsWarper(parameters.top_k))
+        if parameters.top_p not in (None, 1.0):
+            processors.append(TopPLogitsWarper(parameters.top_p))
+        if parameters.typical_p not in (None, 1.0):
+            processors.append(TypicalLogitsWarper(parameters.typical_p))
+    return processors

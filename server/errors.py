@@ -1,5 +1,9 @@
 """Turn every failure into one JSON error body: ``detail``, ``code``, ``request_id`` (and ``problems``).
 
+The body also carries ``error`` and ``error_type``, the fields TGI and LoRAX clients read. Under
+``/v1/`` the body takes OpenAI's shape instead, ``{"error": {"message", "type", "code"}}``, so
+that OpenAI clients show the message.
+
 Library errors map to their HTTP status here, in one place, so routes simply raise:
 
 ====================================  ======  ===================
@@ -10,6 +14,9 @@ ExpertExistsError                     409     expert_exists
 InvalidExpertError                    422     invalid_expert
 InvalidRoutingError, request schema   422     invalid_request
 RequestTooLargeError                  422     request_too_large
+ChatTemplateMissingError              422     no_chat_template
+QueueFullError                        503     overloaded (with Retry-After)
+RequestTimeoutError                   503     request_timeout (with Retry-After)
 HubError                              its own status and code (hub_*)
 request body over the upload limit    413     upload_too_large
 any other exception                   500     internal_error
@@ -29,16 +36,54 @@ from quiver.client.models import ErrorBody
 from quiver.library import ExpertExistsError, ExpertNotFoundError, InvalidExpertError, InvalidRoutingError
 from quiver.library.hub import HubError
 
-from .engine import RequestTooLargeError
+from .batching import QueueFullError, RequestTimeoutError
+from .engine import ChatTemplateMissingError, RequestTooLargeError
 from .limits import BODY_TOO_LARGE
 
 logger = logging.getLogger(__name__)
 
 
-def error_response(request: Request, status: int, code: str, detail: str, problems: list[str] | None = None) -> JSONResponse:
+def _error_type(status: int, code: str) -> str:
+    """TGI's error category of a status: what its clients turn into exception classes."""
+    if status in (400, 413, 422):
+        return "validation"
+    if status in (429, 503):
+        return "overloaded"
+    if status >= 500:
+        return "generation"
+    return code
+
+
+def _openai_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 404:
+        return "not_found_error"
+    if status in (429, 503):
+        return "rate_limit_error" if status == 429 else "server_overloaded"
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+def error_response(
+    request: Request, status: int, code: str, detail: str, problems: list[str] | None = None, retry_after: int | None = None
+) -> JSONResponse:
     request_id = getattr(request.state, "request_id", "-")
-    body = ErrorBody(detail=detail, code=code, request_id=request_id, problems=problems)
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers={"X-Request-ID": request_id})
+    headers = {"X-Request-ID": request_id}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    if request.url.path.startswith("/v1/"):
+        body = {"error": {"message": detail, "type": _openai_type(status), "param": None, "code": code}, "request_id": request_id}
+        return JSONResponse(body, status_code=status, headers=headers)
+    body = ErrorBody(detail=detail, code=code, request_id=request_id, problems=problems, error=detail, error_type=_error_type(status, code))
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+
+
+def stream_error_payload(error: Exception) -> dict:
+    """The server-sent event that ends a stream which failed after it started."""
+    if isinstance(error, RequestTimeoutError):
+        return {"error": str(error), "error_type": "overloaded", "code": "request_timeout"}
+    logger.error("a streamed generation failed: %s", error, exc_info=error)
+    return {"error": f"generation failed: {error}", "error_type": "generation", "code": "internal_error"}
 
 
 def _describe_validation_error(error: dict) -> str:
@@ -57,10 +102,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HubError)
     async def hub_failed(request: Request, error: HubError) -> JSONResponse:
-        response = error_response(request, error.status, error.code, str(error))
-        if error.retry_after is not None:
-            response.headers["Retry-After"] = str(int(error.retry_after + 0.999))
-        return response
+        retry_after = None if error.retry_after is None else int(error.retry_after + 0.999)
+        return error_response(request, error.status, error.code, str(error), retry_after=retry_after)
 
     @app.exception_handler(ExpertNotFoundError)
     async def not_found(request: Request, error: ExpertNotFoundError) -> JSONResponse:
@@ -81,6 +124,18 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestTooLargeError)
     async def too_large(request: Request, error: RequestTooLargeError) -> JSONResponse:
         return error_response(request, 422, "request_too_large", str(error))
+
+    @app.exception_handler(ChatTemplateMissingError)
+    async def no_chat_template(request: Request, error: ChatTemplateMissingError) -> JSONResponse:
+        return error_response(request, 422, "no_chat_template", str(error))
+
+    @app.exception_handler(QueueFullError)
+    async def overloaded(request: Request, error: QueueFullError) -> JSONResponse:
+        return error_response(request, 503, "overloaded", str(error), retry_after=error.retry_after)
+
+    @app.exception_handler(RequestTimeoutError)
+    async def timed_out(request: Request, error: RequestTimeoutError) -> JSONResponse:
+        return error_response(request, 503, "request_timeout", str(error), retry_after=1)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -40,6 +40,14 @@ class Settings:
     """The largest ``max_new_tokens`` a request may ask for."""
     max_input_tokens: int = 4096
     """The maximum prompt length accepted, in tokens."""
+    max_batch_size: int = 16
+    """The most requests generated together in one batch; more wait in the queue."""
+    max_queue: int = 64
+    """The most requests waiting for a place in the batch; beyond it requests get 503 with Retry-After."""
+    max_batch_prefill_tokens: int = 4096
+    """The most prompt tokens (padded) run together in one prefill pass; a longer prompt still runs alone."""
+    request_timeout: float = 300.0
+    """Seconds a request may take from arrival to its last token, waiting included; beyond it the request fails."""
     max_upload_mb: int = 512
     """The largest request body accepted, in MiB: an upload's weights, config and form fields together."""
     host: str = "127.0.0.1"
@@ -73,8 +81,23 @@ class Settings:
             if raw is None or raw == "":
                 continue
             values[field.name] = _parse(variable, raw, field.default)
-        settings = cls(**values)
-        return replace(settings, **{key: value for key, value in overrides.items() if value is not None})
+        settings = replace(cls(**values), **{key: value for key, value in overrides.items() if value is not None})
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Raise for limits that cannot work, naming the variable.
+
+        Raises:
+            ValueError: a limit is zero or negative.
+        """
+        for name in ("max_new_tokens", "max_input_tokens", "max_batch_size", "max_batch_prefill_tokens", "max_upload_mb"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"QUIVER_{name.upper()}={getattr(self, name)} is invalid: expected at least 1")
+        if self.max_queue < 0:
+            raise ValueError(f"QUIVER_MAX_QUEUE={self.max_queue} is invalid: expected 0 or more")
+        if not self.request_timeout > 0:
+            raise ValueError(f"QUIVER_REQUEST_TIMEOUT={self.request_timeout} is invalid: expected a positive number of seconds")
 
 
 def _parse(variable: str, raw: str, default: object) -> object:
