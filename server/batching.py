@@ -20,12 +20,14 @@ and a request's prompt-level expert mix (sequence and hybrid routing) travels wi
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import logging
 import math
 import queue
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -292,6 +294,8 @@ class Batcher:
         if self._thread is None and not self._stopped:
             self._thread = threading.Thread(target=self._run, name="quiver-batcher", daemon=True)
             self._thread.start()
+            # Stop the thread before the interpreter tears torch down under it.
+            atexit.register(_close_if_alive, weakref.ref(self))
 
     def _run(self) -> None:
         while True:
@@ -557,6 +561,12 @@ class BatchObserver:
     def cancelled(self, job: Job) -> None: ...
 
     def timed_out(self, job: Job) -> None: ...
+
+
+def _close_if_alive(reference: weakref.ref) -> None:
+    batcher = reference()
+    if batcher is not None:
+        batcher.close()
 
 
 def _pad_left(tensor: torch.Tensor, amount: int, dim: int) -> torch.Tensor:

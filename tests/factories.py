@@ -93,4 +93,18 @@ def tiny_tokenizer():
     assert len(vocab) <= TINY_VOCAB
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    # A chat template that uses only characters of the alphabet, for the chat completion routes.
+    tokenizer.chat_template = (
+        "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    return tokenizer
+
+
+def slow_down(model: torch.nn.Module, seconds: float) -> torch.nn.Module:
+    """Make every forward pass of ``model`` take at least ``seconds`` longer, so tests can act while it generates."""
+    import time
+
+    model.register_forward_pre_hook(lambda module, args: time.sleep(seconds))
+    return model

@@ -13,7 +13,9 @@ def settings(tmp_path):
 
 @pytest.fixture
 def engine(settings):
-    return Engine(settings, model=tiny_llama(), tokenizer=tiny_tokenizer())
+    engine = Engine(settings, model=tiny_llama(), tokenizer=tiny_tokenizer())
+    yield engine
+    engine.close()
 
 
 @pytest.fixture
