@@ -1,7 +1,7 @@
 """Measure the throughput and latency of the Quiver server's continuous batching under concurrent clients.
 
 Starts the real server application in this process (uvicorn on 127.0.0.1, a free port) with the
-embedded SmolLM2-135M-Instruct and a fresh library in a temporary folder, uploads random LoRA
+embedded SmolLM2-135M-Instruct and a fresh library in a temporary folder. It uploads random LoRA
 experts through ``POST /experts``, then runs each number of concurrent clients twice: once with
 the server's routing over every expert, and once with routing off (``"routing": {"experts": []}``,
 the base model alone). Every client sends its requests to ``/generate_stream`` back to back,
@@ -22,10 +22,13 @@ The tables are printed in Markdown, ready for docs/benchmarks.md. Run it from th
     .venv/bin/python bench/serving.py --quick               # smoke run: 16 tokens, 1 request per client
     .venv/bin/python bench/serving.py --json serving.json   # also save every request's numbers
 
-The converted embedded model is read from the cache folder (``$QUIVER_CACHE_DIR`` or
-``~/.cache/quiver``) and converted there on first use. The experts and the library are written
+The default run should take about 4 minutes on a 2-core CPU (an estimate from shorter runs of
+its parts), and ``--quick`` under a minute. The converted embedded model is read from the cache
+folder (``$QUIVER_CACHE_DIR`` or ``~/.cache/quiver``) and converted there on first use. The experts and the library are written
 to a temporary folder and deleted at the end. Client and server share this process, so the
 clients' parsing of the server-sent events competes with the server for the CPU and the GIL.
+The server picks its device as ``quiver serve`` does ('auto': CUDA when available); only the
+CPU has been run.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from peft import LoraConfig, get_peft_model
 from quiver.client import Client
 from quiver.library import load_base_model
 from quiver.library.base_model import default_cache_dir
+from quiver.library.routing import ROUTING_METHODS
 from quiver.server.app import create_app
 from quiver.server.settings import Settings
 
@@ -80,12 +84,15 @@ PROMPTS = (
     "Summarize the rules of chess for a complete beginner.",
     "Give three reasons why people enjoy walking in the mountains.",
 )
-"""Prompts of 10 to 17 tokens. Client c sends PROMPTS[(c + r) % 8] as its request r."""
+"""Prompts of 11 to 16 tokens for the embedded model's tokenizer. Client c sends PROMPTS[(c + r) % 8] as its request r."""
 
 TARGET_SCALING = 5.0
 """Smallest accepted tokens/s at 16 clients over tokens/s at 1 client, with routing."""
 TARGET_ROUTED_OVER_BASE = 0.7
 """Smallest accepted routed tokens/s over base-model tokens/s at 16 clients."""
+
+FAILURES_SHOWN = 5
+"""Failed requests printed per run; the JSON file keeps them all."""
 
 SERVER_START_TIMEOUT_S = 600.0
 CLIENT_TIMEOUT_S = 900.0
@@ -182,7 +189,7 @@ def describe_machine() -> Machine:
 
 
 def build_adapters(count: int, root: Path, cache_dir: Path) -> list[Path]:
-    """Save ``count`` PEFT LoRA adapters with random, nonzero A and B factors under ``root``; return their folders.
+    """Save ``count`` PEFT LoRA adapters with random, nonzero A and B factors under ``root`` and return their folders.
 
     PEFT's ``init_lora_weights=False`` keeps the default initialisation of both factors (B is
     zero otherwise), so every expert changes the model's output. The generated text is then
@@ -197,7 +204,8 @@ def build_adapters(count: int, root: Path, cache_dir: Path) -> list[Path]:
         )
         peft_model = get_peft_model(model, config)
         folder = root / f"expert-{index:02d}"
-        peft_model.save_pretrained(str(folder))
+        # With the default "auto", PEFT looks the model name up on the Hugging Face Hub.
+        peft_model.save_pretrained(str(folder), save_embedding_layers=False)
         folders.append(folder)
         model = peft_model.unload()  # the base model again, without the LoRA layers
     return folders
@@ -211,7 +219,7 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(settings: Settings) -> Iterator[tuple[str, object]]:
-    """Serve the Quiver app on 127.0.0.1 in a background thread; yield its base URL and the app."""
+    """Serve the Quiver app on 127.0.0.1 in a background thread and yield its base URL and the app."""
     app = create_app(settings)
     port = free_port()
     # log_config=None keeps uvicorn's loggers propagating to the root logger, where
@@ -238,7 +246,7 @@ def running_server(settings: Settings) -> Iterator[tuple[str, object]]:
 
 
 class ServerLog(logging.Handler):
-    """Keeps every warning and error logged in this process while the benchmark runs."""
+    """Logging handler that stores every warning and error logged in this process while the benchmark runs."""
 
     def __init__(self) -> None:
         super().__init__(level=logging.WARNING)
@@ -282,6 +290,14 @@ def parse_sse_line(line: str) -> dict | None:
     return json.loads(line[len("data:") :].strip())
 
 
+def error_detail(content: bytes) -> str:
+    """Return the ``detail`` of a Quiver error body, or the start of any other body."""
+    try:
+        return str(json.loads(content)["detail"])
+    except (ValueError, KeyError, TypeError):
+        return content.decode(errors="replace")[:300]
+
+
 async def stream_request(http: httpx.AsyncClient, body: dict, client: int, index: int, tokens: int) -> RequestRecord:
     """Send one ``/generate_stream`` request and time its first and last server-sent events."""
     started = time.perf_counter()
@@ -293,8 +309,7 @@ async def stream_request(http: httpx.AsyncClient, body: dict, client: int, index
         async with http.stream("POST", "/generate_stream", json=body) as response:
             status = response.status_code
             if status != 200:
-                detail = (await response.aread()).decode(errors="replace")[:300]
-                error = f"HTTP {status}: {detail}"
+                error = f"HTTP {status}: {error_detail(await response.aread())}"
             else:
                 async for line in response.aiter_lines():
                     payload = parse_sse_line(line)
@@ -449,7 +464,7 @@ def measure(app, base_url: str, mode: str, clients: int, requests_per_client: in
 
 
 def warm_up(base_url: str, tokens: int, routing: dict) -> RequestRecord:
-    """Send one uncounted request; it also makes the server load the uploaded experts."""
+    """Send one uncounted request, which also makes the server load the uploaded experts."""
     _, records = asyncio.run(run_clients(base_url, 1, 1, tokens, routing))
     return records[0]
 
@@ -473,6 +488,10 @@ class Check:
         return "pass" if self.passed else "FAIL"
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def find_run(runs: list[Run], mode: str, clients: int) -> Run | None:
     return next((run for run in runs if run.mode == mode and run.clients == clients), None)
 
@@ -485,24 +504,26 @@ def ratio(numerator: Run | None, denominator: Run | None) -> float | None:
 
 def check_targets(runs: list[Run], client_counts: list[int], quick: bool) -> list[Check]:
     """Compare the measured ratios with the targets, which hold for 1 and 16 clients of a full run."""
-    fewest, most = client_counts[0], client_counts[-1]
-    checkable = not quick and fewest == 1 and most == 16
-    scaling = ratio(find_run(runs, "routed", most), find_run(runs, "routed", fewest))
-    base_scaling = ratio(find_run(runs, "base", most), find_run(runs, "base", fewest))
-    routed_over_base = ratio(find_run(runs, "routed", most), find_run(runs, "base", most))
+    smallest, largest = client_counts[0], client_counts[-1]
+    checkable = not quick and smallest == 1 and largest == 16
+    scaling, base_scaling = None, None
+    if smallest < largest:
+        scaling = ratio(find_run(runs, "routed", largest), find_run(runs, "routed", smallest))
+        base_scaling = ratio(find_run(runs, "base", largest), find_run(runs, "base", smallest))
+    routed_over_base = ratio(find_run(runs, "routed", largest), find_run(runs, "base", largest))
 
     def passed(value: float | None, target: float) -> bool | None:
         return None if value is None or not checkable else value >= target
 
     return [
-        Check(f"routed tokens/s, {most} clients / {fewest} client(s)", f"≥ {TARGET_SCALING:g}×", scaling, passed(scaling, TARGET_SCALING)),
+        Check(f"routed tokens/s, {plural(largest, 'client')} / {plural(smallest, 'client')}", f"≥ {TARGET_SCALING:g}×", scaling, passed(scaling, TARGET_SCALING)),
         Check(
-            f"routed tokens/s / base tokens/s, {most} clients",
+            f"routed tokens/s / base tokens/s, {plural(largest, 'client')}",
             f"≥ {TARGET_ROUTED_OVER_BASE:g}×",
             routed_over_base,
             passed(routed_over_base, TARGET_ROUTED_OVER_BASE),
         ),
-        Check(f"base tokens/s, {most} clients / {fewest} client(s)", "none (for comparison)", base_scaling, None),
+        Check(f"base tokens/s, {plural(largest, 'client')} / {plural(smallest, 'client')}", "none (for comparison)", base_scaling, None),
     ]
 
 
@@ -569,8 +590,10 @@ class Report:
     runtime_s: float = 0.0
 
 
-def report_lines(report: Report, routed_label: str) -> list[str]:
+def report_lines(report: Report) -> list[str]:
+    """Return the Markdown report: the run's description, the results table and the target checks."""
     machine, arguments = report.machine, report.arguments
+    routed_label = f"{plural(arguments['experts'], 'expert')}, {arguments['method'] or 'server default'}"
     versions = ", ".join(f"{name} {value}" for name, value in machine.versions.items())
     smoke = " Smoke run (--quick): the figures are not comparable with the targets." if arguments["quick"] else ""
     lines = [
@@ -583,9 +606,9 @@ def report_lines(report: Report, routed_label: str) -> list[str]:
         f"- Quiver: {machine.revision}",
         f"- Server: in this process under uvicorn, max_batch_size {report.settings['max_batch_size']}, "
         f"max_queue {report.settings['max_queue']}; default routing {report.routing['server_default']}",
-        f"- Model and experts: the embedded SmolLM2-135M-Instruct with {arguments['experts']} random rank-{RANK} LoRA experts "
+        f"- Model and experts: the embedded SmolLM2-135M-Instruct with {plural(arguments['experts'], 'random expert')}: rank-{RANK} LoRA "
         f"(lora_alpha {ALPHA}, PEFT's init_lora_weights=False) on {', '.join(TARGET_MODULES)}, uploaded through POST /experts",
-        f"- Requests: /generate_stream, greedy, max_new_tokens {arguments['tokens']} with ignore_eos_token, prompts of 10 to 17 "
+        f"- Requests: /generate_stream, greedy, max_new_tokens {arguments['tokens']} with ignore_eos_token, prompts of 11 to 16 "
         "tokens; each client sends its requests back to back after one uncounted warm-up request per routing mode",
         "",
         *markdown_table(*result_rows(report.runs, routed_label), align="rlrrrrrrrrr"),
@@ -610,7 +633,8 @@ def print_server_log(records: list[dict[str, str]]) -> None:
     for record in records:
         key = (record["level"], record["logger"])
         counts[key] = counts.get(key, 0) + 1
-    print(f"Server log: {len(records)} warnings or errors ({', '.join(f'{n} {level} from {name}' for (level, name), n in counts.items())}).")
+    sources = ", ".join(f"{count} {level} from {name}" for (level, name), count in counts.items())
+    print(f"Server log: {len(records)} warnings or errors ({sources}).")
     for record in records[:10]:
         print(f"  {record['level']} {record['logger']}: {record['message'][:300]}")
 
@@ -635,7 +659,7 @@ def write_json(report: Report, path: Path) -> None:
 
 
 def default_requests_per_client(clients: int, quick: bool) -> int:
-    """Return the requests each client sends: more for few clients, so every run has several requests."""
+    """Return the number of requests each client sends, more for few clients so that every run has several requests."""
     if quick:
         return 1
     return 3 if clients < 4 else 2
@@ -655,7 +679,7 @@ def parse_arguments() -> argparse.Namespace:
     )
     parser.add_argument(
         "--method",
-        choices=["arrow", "centered", "normalized", "sequence", "hybrid"],
+        choices=ROUTING_METHODS,
         default=None,
         help="routing method sent with the routed requests (default: none, so the server's default applies)",
     )
@@ -688,6 +712,74 @@ def parse_arguments() -> argparse.Namespace:
     return arguments
 
 
+@dataclass
+class Session:
+    """Measurements of one server session, with the server facts that the report states."""
+
+    runs: list[Run] = field(default_factory=list)
+    startup_s: dict[str, float] = field(default_factory=dict)
+    device: str = ""
+    server_routing: str = ""
+
+
+def run_session(arguments: argparse.Namespace, settings: Settings, adapters: list[Path], progress) -> Session:
+    """Start the server, upload the experts, warm up, then measure every number of clients with and without routing."""
+    session = Session()
+    routed = routed_parameters(arguments.method)
+    modes = (("routed", routed), ("base", ROUTING_OFF))
+    progress("starting the server")
+    step = time.perf_counter()
+    with running_server(settings) as (base_url, app):
+        session.startup_s["server_start"] = time.perf_counter() - step
+        step = time.perf_counter()
+        with Client(base_url) as client:
+            for adapter in adapters:
+                client.upload_expert(adapter, adapter.name)
+        session.startup_s["upload_experts"] = time.perf_counter() - step
+
+        for mode, routing in modes:
+            record = warm_up(base_url, arguments.tokens, routing)
+            if not record.ok:
+                raise RuntimeError(f"the {mode} warm-up request failed: {record.error}")
+            progress(f"warm-up with routing {mode}: {record.latency_s:.1f} s, {record.experts_used} experts used")
+        info = httpx.get(f"{base_url}/info", timeout=30).json()
+        if len(info["experts"]) != len(adapters):
+            raise RuntimeError(
+                f"the server routes over {len(info['experts'])} experts after the warm-up, expected {len(adapters)}; "
+                "check the server log above for experts that failed to load"
+            )
+        session.device = f"{info['model_device_type']} in {info['model_dtype']}"
+        session.server_routing = ", ".join(f"{key} {value}" for key, value in info["routing"].items())
+
+        for clients in arguments.clients:
+            requests_per_client = arguments.requests_per_client or default_requests_per_client(clients, arguments.quick)
+            # Routed and base runs alternate per client count, so that slow drifts in the
+            # machine's speed affect both sides of the routed/base ratio alike.
+            for mode, routing in modes:
+                progress(f"{plural(clients, 'client')} × {plural(requests_per_client, 'request')}, routing {mode}")
+                run = measure(app, base_url, mode, clients, requests_per_client, arguments.tokens, routing)
+                session.runs.append(run)
+                print_run(run, progress)
+    return session
+
+
+def print_run(run: Run, progress) -> None:
+    batch = "-" if run.mean_batch_size is None else f"{run.mean_batch_size:.1f}"
+    progress(
+        f"  {run.tokens_per_s:.1f} tokens/s, latency p50 {seconds(run.latency_p50_s)} s, "
+        f"TTFT p50 {seconds(run.ttft_p50_s)} s, {run.failed} failed, mean batch {batch}"
+    )
+    failures = [record for record in run.records if not record.ok]
+    for record in failures[:FAILURES_SHOWN]:
+        progress(f"  client {record.client} request {record.index} failed: {record.error}")
+    if len(failures) > FAILURES_SHOWN:
+        progress(f"  and {len(failures) - FAILURES_SHOWN} more failed requests; --json saves every error")
+    if run.mode == "routed":
+        unrouted = sum(1 for record in run.records if record.ok and record.experts_used == 0)
+        if unrouted:
+            logger.warning("%d routed requests report no expert with a nonzero weight in details.routing", unrouted)
+
+
 def main() -> int:
     arguments = parse_arguments()
     started = time.perf_counter()
@@ -703,16 +795,12 @@ def main() -> int:
     def progress(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
 
-    startup: dict[str, float] = {}
-    runs: list[Run] = []
-    routing = {"sent": routed_parameters(arguments.method)}
     with tempfile.TemporaryDirectory(prefix="quiver-bench-serving-") as folder:
         root = Path(folder)
         progress(f"building {arguments.experts} random rank-{RANK} experts")
         step = time.perf_counter()
         adapters = build_adapters(arguments.experts, root / "adapters", arguments.cache_dir)
-        startup["build_experts"] = time.perf_counter() - step
-
+        build_seconds = time.perf_counter() - step
         settings = Settings(
             cache_dir=arguments.cache_dir,
             library_dir=root / "library",
@@ -721,71 +809,32 @@ def main() -> int:
             max_new_tokens=max(arguments.tokens, Settings.max_new_tokens),
         )
         settings.check()
-        progress("starting the server")
-        step = time.perf_counter()
-        with running_server(settings) as (base_url, app):
-            startup["server_start"] = time.perf_counter() - step
-            step = time.perf_counter()
-            with Client(base_url) as client:
-                for adapter in adapters:
-                    client.upload_expert(adapter, adapter.name)
-            startup["upload_experts"] = time.perf_counter() - step
+        try:
+            session = run_session(arguments, settings, adapters, progress)
+        except RuntimeError as error:
+            print_server_log(server_log.records)
+            print(f"serving.py: error: {error}", file=sys.stderr)
+            return 1
 
-            routed = routed_parameters(arguments.method)
-            for mode, mode_routing in (("routed", routed), ("base", ROUTING_OFF)):
-                record = warm_up(base_url, arguments.tokens, mode_routing)
-                if not record.ok:
-                    raise RuntimeError(f"the {mode} warm-up request failed: {record.error}")
-                progress(f"warm-up with routing {mode}: {record.latency_s:.1f} s, {record.experts_used} experts used")
-            info = httpx.get(f"{base_url}/info", timeout=30).json()
-            if len(info["experts"]) != arguments.experts:
-                raise RuntimeError(f"the server routes over {len(info['experts'])} experts after the warm-up, expected {arguments.experts}")
-            machine.device = f"{info['model_device_type']} in {info['model_dtype']}"
-            routing["server_default"] = ", ".join(f"{key} {value}" for key, value in info["routing"].items())
-
-            for clients in arguments.clients:
-                requests_per_client = arguments.requests_per_client or default_requests_per_client(clients, arguments.quick)
-                # Routed and base runs alternate per client count, so that slow drifts in the
-                # machine's speed affect both sides of the routed/base ratio alike.
-                for mode, mode_routing in (("routed", routed), ("base", ROUTING_OFF)):
-                    progress(f"{clients} clients × {requests_per_client} requests, routing {mode}")
-                    run = measure(app, base_url, mode, clients, requests_per_client, arguments.tokens, mode_routing)
-                    runs.append(run)
-                    progress(
-                        f"  {run.tokens_per_s:.1f} tokens/s, latency p50 {seconds(run.latency_p50_s)} s, "
-                        f"TTFT p50 {seconds(run.ttft_p50_s)} s, {run.failed} failed, mean batch "
-                        f"{'-' if run.mean_batch_size is None else f'{run.mean_batch_size:.1f}'}"
-                    )
-                    for record in run.records:
-                        if not record.ok:
-                            progress(f"  client {record.client} request {record.index} failed: {record.error}")
-
-        routed_runs = [run for run in runs if run.mode == "routed"]
-        unrouted = sum(1 for run in routed_runs for record in run.records if record.ok and record.experts_used == 0)
-        if unrouted:
-            logger.warning("%d routed requests report no expert in details.routing", unrouted)
-
-    method = arguments.method or "server default"
-    routed_label = f"{arguments.experts} experts, {method}"
+    machine.device = session.device
     report = Report(
         machine=machine,
         arguments={key: str(value) if isinstance(value, Path) else value for key, value in vars(arguments).items()},
         settings={"max_batch_size": settings.max_batch_size, "max_queue": settings.max_queue, "request_timeout": settings.request_timeout},
-        routing=routing,
-        startup_s=startup,
-        runs=runs,
-        checks=check_targets(runs, arguments.clients, arguments.quick),
+        routing={"sent": routed_parameters(arguments.method), "server_default": session.server_routing},
+        startup_s={"build_experts": build_seconds, **session.startup_s},
+        runs=session.runs,
+        checks=check_targets(session.runs, arguments.clients, arguments.quick),
         server_log=server_log.records,
     )
     report.runtime_s = time.perf_counter() - started
     print()
-    print("\n".join(report_lines(report, routed_label)))
+    print("\n".join(report_lines(report)))
     print_server_log(report.server_log)
     if arguments.json is not None:
         write_json(report, arguments.json)
         print(f"wrote {arguments.json}")
-    failed = sum(run.failed for run in runs)
-    return 1 if failed else 0
+    return 1 if any(run.failed for run in session.runs) else 0
 
 
 if __name__ == "__main__":

@@ -63,6 +63,13 @@ class RequestTimeoutError(QuiverError):
         )
 
 
+class GenerationCancelledError(QuiverError):
+    """A request cancelled because its client went away; nobody reads its answer."""
+
+    def __init__(self) -> None:
+        super().__init__("the client closed the connection, so the generation was stopped")
+
+
 class FrequencyPenaltyLogitsProcessor(LogitsProcessor):
     """Subtracts ``penalty`` times each token's count among the generated tokens from its logit (OpenAI's frequency penalty)."""
 
@@ -337,6 +344,8 @@ class Batcher:
 
     def _stop_job(self, job: Job, now: float) -> None:
         if job.cancelled:
+            # A reader may still wait on the job (a route that has not noticed the disconnect yet).
+            job.emit(Failed(GenerationCancelledError()))
             self.observer.cancelled(job)
             return
         job.emit(Failed(RequestTimeoutError(job.timeout, len(job.output_ids))))

@@ -17,6 +17,7 @@ RequestTooLargeError                  422     request_too_large
 ChatTemplateMissingError              422     no_chat_template
 QueueFullError                        503     overloaded (with Retry-After)
 RequestTimeoutError                   503     request_timeout (with Retry-After)
+GenerationCancelledError              499     cancelled (the client is gone)
 HubError                              its own status and code (hub_*)
 request body over the upload limit    413     upload_too_large
 any other exception                   500     internal_error
@@ -36,7 +37,7 @@ from quiver.client.models import ErrorBody
 from quiver.library import ExpertExistsError, ExpertNotFoundError, InvalidExpertError, InvalidRoutingError
 from quiver.library.hub import HubError
 
-from .batching import QueueFullError, RequestTimeoutError
+from .batching import GenerationCancelledError, QueueFullError, RequestTimeoutError
 from .engine import ChatTemplateMissingError, RequestTooLargeError
 from .limits import BODY_TOO_LARGE
 
@@ -128,6 +129,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ChatTemplateMissingError)
     async def no_chat_template(request: Request, error: ChatTemplateMissingError) -> JSONResponse:
         return error_response(request, 422, "no_chat_template", str(error))
+
+    @app.exception_handler(GenerationCancelledError)
+    async def cancelled(request: Request, error: GenerationCancelledError) -> JSONResponse:
+        # 499 "client closed request", as nginx logs it: nobody receives this answer.
+        return error_response(request, 499, "cancelled", str(error))
 
     @app.exception_handler(QueueFullError)
     async def overloaded(request: Request, error: QueueFullError) -> JSONResponse:
