@@ -7,14 +7,18 @@ the server's routing over every expert, and once with routing off (``"routing": 
 the base model alone). Every client sends its requests to ``/generate_stream`` back to back,
 greedy, with ``ignore_eos_token`` so that each request generates exactly ``--tokens`` tokens.
 
-For each run it reports the aggregate generated tokens per second (the tokens of all successful
-requests over the wall time from the first request sent to the last response read), the p50 and
-p95 request latency (request sent to last server-sent event read), the p50 and p95 time to first
-token (request sent to the first ``data:`` event read), the failed requests (any status other
-than 200, a stream that ends in an error event or a generation shorter than ``--tokens``), the
-503 responses among them, and the mean batch size of the server's decode steps. Then it checks
-the two targets: tokens/s at 16 clients over tokens/s at 1 client (at least 5×), and routed
-tokens/s over base-model tokens/s at 16 clients (at least 0.7×).
+For each run it reports:
+
+- tokens/s: the tokens of all successful requests over the wall time from the first request
+  sent to the last response read;
+- p50 and p95 request latency, from the request sent to its last server-sent event read;
+- p50 and p95 time to first token (TTFT), from the request sent to its first ``data:`` event read;
+- failed requests (any status other than 200, a stream that ends in an error event, or fewer
+  tokens than ``--tokens``), with the 503 responses also counted on their own;
+- the mean batch size of the server's decode steps, from its Prometheus metrics.
+
+Then it checks the two targets: tokens/s at 16 clients over tokens/s at 1 client (at least 5×),
+and routed tokens/s over base-model tokens/s at 16 clients (at least 0.7×), both with 64 tokens.
 
 The tables are printed in Markdown, ready for docs/benchmarks.md. Run it from the repository root::
 
@@ -24,11 +28,12 @@ The tables are printed in Markdown, ready for docs/benchmarks.md. Run it from th
 
 The default run should take about 4 minutes on a 2-core CPU (an estimate from shorter runs of
 its parts), and ``--quick`` under a minute. The converted embedded model is read from the cache
-folder (``$QUIVER_CACHE_DIR`` or ``~/.cache/quiver``) and converted there on first use. The experts and the library are written
-to a temporary folder and deleted at the end. Client and server share this process, so the
-clients' parsing of the server-sent events competes with the server for the CPU and the GIL.
-The server picks its device as ``quiver serve`` does ('auto': CUDA when available); only the
-CPU has been run.
+folder (``$QUIVER_CACHE_DIR`` or ``~/.cache/quiver``) and converted there on first use. The
+experts and the library are written to a temporary folder and deleted at the end.
+
+Client and server share this process, so the clients' parsing of the server-sent events
+competes with the server for the CPU and the GIL. The server picks its device as ``quiver
+serve`` does ('auto': CUDA when available), but only the CPU has been run.
 """
 
 from __future__ import annotations
@@ -92,7 +97,7 @@ TARGET_ROUTED_OVER_BASE = 0.7
 """Smallest accepted routed tokens/s over base-model tokens/s at 16 clients."""
 
 FAILURES_SHOWN = 5
-"""Failed requests printed per run; the JSON file keeps them all."""
+"""Failed requests printed per run. The JSON file keeps them all."""
 
 SERVER_START_TIMEOUT_S = 600.0
 CLIENT_TIMEOUT_S = 900.0
@@ -333,7 +338,8 @@ async def stream_request(http: httpx.AsyncClient, body: dict, client: int, index
     if error is None and final is None:
         error = "the stream ended without the final event that carries the details"
     elif error is None and generated != tokens:
-        error = f"generated {generated} tokens, expected {tokens}; ignore_eos_token was not applied"
+        reason = final["details"].get("finish_reason")
+        error = f"generated {generated} tokens, expected {tokens} (finish_reason {reason}) although ignore_eos_token was sent"
     return RequestRecord(client, index, status, latency, ttft, generated, experts_used, error)
 
 
@@ -404,7 +410,7 @@ class ServerCounters:
 
 @dataclass
 class Run:
-    """One number of clients with one routing mode."""
+    """Measurements of one number of clients in one routing mode."""
 
     mode: str
     """'routed' or 'base'."""
@@ -439,6 +445,7 @@ class Run:
 
 
 ROUTING_OFF = {"experts": []}
+"""Routing parameters with no expert in scope, so the server runs the base model alone."""
 
 
 def routed_parameters(method: str | None) -> dict:
@@ -446,6 +453,7 @@ def routed_parameters(method: str | None) -> dict:
 
 
 def measure(app, base_url: str, mode: str, clients: int, requests_per_client: int, tokens: int, routing: dict) -> Run:
+    """Run the clients once, reading the server's batch size and TTFT histograms before and after."""
     before = ServerCounters.read(app)
     wall, records = asyncio.run(run_clients(base_url, clients, requests_per_client, tokens, routing))
     after = ServerCounters.read(app)
@@ -741,12 +749,12 @@ def run_session(arguments: argparse.Namespace, settings: Settings, adapters: lis
             record = warm_up(base_url, arguments.tokens, routing)
             if not record.ok:
                 raise RuntimeError(f"the {mode} warm-up request failed: {record.error}")
-            progress(f"warm-up with routing {mode}: {record.latency_s:.1f} s, {record.experts_used} experts used")
+            progress(f"warm-up with routing {mode}: {record.latency_s:.1f} s, {plural(record.experts_used, 'expert')} used")
         info = httpx.get(f"{base_url}/info", timeout=30).json()
         if len(info["experts"]) != len(adapters):
             raise RuntimeError(
-                f"the server routes over {len(info['experts'])} experts after the warm-up, expected {len(adapters)}; "
-                "check the server log above for experts that failed to load"
+                f"the server routes over {len(info['experts'])} experts after the warm-up, expected {len(adapters)}. "
+                "Check the server log above for experts that failed to load"
             )
         session.device = f"{info['model_device_type']} in {info['model_dtype']}"
         session.server_routing = ", ".join(f"{key} {value}" for key, value in info["routing"].items())

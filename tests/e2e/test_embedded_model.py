@@ -52,3 +52,49 @@ def test_upload_generate_delete(adapters, tmp_path):
 
         client.delete_expert("mlp")
         assert client.list_experts() == []
+
+
+def test_concurrent_requests_match_transformers_generate(adapters, tmp_path):
+    """Requests of different lengths and settings, generated together, each equal their solo answer."""
+    import threading
+
+    import openai
+
+    attention, _ = adapters
+    settings = Settings.from_env(library_dir=tmp_path / "library", device="cpu", max_batch_size=8)
+    prompts = ["What is the capital of France?", "List three colors:", "2+2=", "Write a haiku about the sea and the moon."]
+
+    with serve(create_app(settings), timeout=300) as base_url, Client(base_url, timeout=300) as client:
+        engine_model, tokenizer = load_base_model(device="cpu")
+        expected = []
+        for prompt in prompts:
+            encoded = tokenizer(prompt, return_tensors="pt")
+            output = engine_model.generate(**encoded, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            expected.append(tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True))
+        client.upload_expert(attention, name="attention")
+        alone = client.generate(prompts[0], max_new_tokens=16, adapter_id="attention").generated_text
+
+        answers: dict[int, str] = {}
+
+        def ask(index: int) -> None:
+            if index == len(prompts):
+                answers[index] = client.generate(prompts[0], max_new_tokens=16, adapter_id="attention").generated_text
+            else:
+                answers[index] = client.generate(prompts[index], max_new_tokens=16, routing={"experts": []}).generated_text
+
+        threads = [threading.Thread(target=ask, args=(index,)) for index in range(len(prompts) + 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+
+        messages = [{"role": "user", "content": "Say hello."}]
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        chat = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0).chat.completions.create(
+            model="quiver", messages=messages, max_tokens=8, temperature=0
+        )
+
+    assert [answers[index] for index in range(len(prompts))] == expected
+    assert answers[len(prompts)] == alone
+    assert chat.choices[0].message.content.strip()
+    assert chat.usage.prompt_tokens == len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
