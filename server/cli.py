@@ -28,6 +28,10 @@ def _add_settings_flags(parser: argparse.ArgumentParser, *, library: bool = True
     group.add_argument("--routing-temperature", type=float, help="routing temperature for requests that set none (default: 1.0)")
     group.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens a request may ask for, in tokens (default: 512)")
     group.add_argument("--max-input-tokens", type=int, help="maximum prompt length accepted, in tokens (default: 4096)")
+    group.add_argument("--max-batch-size", type=int, help="most requests generated together in one batch (default: 16)")
+    group.add_argument("--max-queue", type=int, help="most requests waiting for the batch; beyond it requests get 503 (default: 64)")
+    group.add_argument("--max-batch-prefill-tokens", type=int, help="most prompt tokens, padded, run in one prefill pass (default: 4096)")
+    group.add_argument("--request-timeout", type=float, help="seconds a request may take from arrival to last token, queueing included (default: 300)")
     if library:
         group.add_argument("--hub-repo", help="Hub model repo id to keep the library in sync with (default: none; token from HF_TOKEN)")
         group.add_argument("--hub-revision", help="branch of --hub-repo to pull from and push to (default: main)")
@@ -48,6 +52,10 @@ def _settings_from(args: argparse.Namespace) -> Settings:
         routing_temperature=args.routing_temperature,
         max_new_tokens=args.max_new_tokens,
         max_input_tokens=args.max_input_tokens,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        max_batch_prefill_tokens=args.max_batch_prefill_tokens,
+        request_timeout=args.request_timeout,
         max_upload_mb=args.max_upload_mb,
         hub_repo=getattr(args, "hub_repo", None),
         hub_revision=getattr(args, "hub_revision", None),
