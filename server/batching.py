@@ -94,6 +94,8 @@ class TokenEvent:
     text: str
     logprob: float
     special: bool
+    last: bool = False
+    """Whether this is the generation's last token; its ``Finished`` event follows at once."""
 
 
 @dataclass(frozen=True)
@@ -279,7 +281,9 @@ class Batcher:
             QueueFullError: ``max_queue`` requests are already waiting.
         """
         with self._cond:
-            if len(self._waiting) >= self.max_queue:
+            # Requests that can join the batch at the next step do not count against the queue.
+            room = max(0, self.max_batch_size - len(self._active))
+            if len(self._waiting) >= self.max_queue + room:
                 raise QueueFullError(len(self._waiting), self.retry_after())
             self._waiting.append(job)
             self._ensure_thread()
@@ -471,14 +475,13 @@ class Batcher:
                 if decoded.startswith(job.text):
                     text = decoded[len(job.text) :]
                 job.text = decoded
-        job.emit(TokenEvent(len(job.output_ids) - 1, token, text, logprob, special))
-
         if token in job.eos_token_ids:
             job.finish_reason = "eos_token"
         elif job.stop and not special and any(stop in job.text[-(len(stop) + len(text)) :] for stop in job.stop):
             job.finish_reason = "stop_sequence"
         elif len(job.output_ids) >= job.max_new_tokens:
             job.finish_reason = "length"
+        job.emit(TokenEvent(len(job.output_ids) - 1, token, text, logprob, special, last=job.finish_reason is not None))
         if job.finish_reason is not None:
             seconds = now - job.submitted
             self._recent_seconds = 0.8 * self._recent_seconds + 0.2 * seconds

@@ -122,30 +122,31 @@ async def generate_stream(body: GenerateRequest, engine: EngineDep, request: Req
 
 async def _tgi_stream(job: Job, events: AsyncIterator, first, body: GenerateRequest, request: Request) -> AsyncIterator[bytes]:
     parameters = body.parameters
-    pending: TokenEvent | None = None
     try:
         event = first
         while True:
-            if isinstance(event, TokenEvent):
-                if pending is not None:
-                    yield sse(StreamResponse(index=pending.index, token=_token(pending)).model_dump())
-                pending = event
-            elif isinstance(event, Failed):
+            if isinstance(event, Failed):
                 yield sse(stream_error_payload(event.error))
                 return
-            else:
-                # The last token carries the whole text and the details.
-                text = (body.inputs if parameters.return_full_text else "") + event.generated_text
+            if isinstance(event, TokenEvent) and not event.last:
+                yield sse(StreamResponse(index=event.index, token=_token(event)).model_dump())
+            elif isinstance(event, TokenEvent):
+                # The last token carries the whole text and the details, which follow it at once.
+                finished = await anext(events)
+                if isinstance(finished, Failed):
+                    yield sse(stream_error_payload(finished.error))
+                    return
+                text = (body.inputs if parameters.return_full_text else "") + finished.generated_text
                 details = StreamDetails(
-                    finish_reason=event.finish_reason,
-                    generated_tokens=event.generated_tokens,
-                    prompt_tokens=event.prompt_tokens,
-                    input_length=event.prompt_tokens,
-                    seed=event.seed,
-                    routing=event.routing,
+                    finish_reason=finished.finish_reason,
+                    generated_tokens=finished.generated_tokens,
+                    prompt_tokens=finished.prompt_tokens,
+                    input_length=finished.prompt_tokens,
+                    seed=finished.seed,
+                    routing=finished.routing,
                 )
-                yield sse(StreamResponse(index=pending.index, token=_token(pending), generated_text=text, details=details).model_dump())
-                log_request(request.url.path, request, event)
+                yield sse(StreamResponse(index=event.index, token=_token(event), generated_text=text, details=details).model_dump())
+                log_request(request.url.path, request, finished)
                 return
             event = await anext(events)
     finally:

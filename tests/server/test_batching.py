@@ -11,7 +11,7 @@ import pytest
 
 from quiver.client.models import GenerateParameters
 from quiver.server import Settings, create_app
-from quiver.server.batching import Failed, Finished, QueueFullError, TokenEvent
+from quiver.server.batching import Finished, QueueFullError, TokenEvent
 from quiver.server.engine import Engine
 from tests.factories import make_adapter, slow_down, tiny_llama, tiny_tokenizer
 from tests.live_server import serve
@@ -264,3 +264,20 @@ def test_client_that_gives_up_on_generate_cancels_it(slow_server):
         _wait_until(lambda: engine.batcher.running == 0)
 
     assert engine.metrics.registry.get_sample_value("quiver_generations_total", {"outcome": "cancelled"}) == 1
+
+
+def test_queue_of_zero_still_fills_the_batch(make_engine):
+    engine = make_engine(experts=0, max_queue=0, max_batch_size=2)
+
+    answers = _run_together(engine, ["abc", "def"], [GenerateParameters(max_new_tokens=3)] * 2)
+
+    assert all(answer.details.generated_tokens >= 1 for answer in answers)
+
+
+def test_full_batch_with_no_queue_is_refused(make_engine):
+    engine = make_engine(delay=0.01, experts=0, max_queue=0, max_batch_size=1)
+    running = engine.submit(engine.encode("abc"), GenerateParameters(max_new_tokens=30, ignore_eos_token=True), request_id="first")
+    next(running.iter_events())
+
+    with pytest.raises(QueueFullError, match="0 requests are already waiting"):
+        engine.submit(engine.encode("def"), GenerateParameters(max_new_tokens=3), request_id="second")
