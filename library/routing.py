@@ -164,55 +164,53 @@ class RowRecorder:
     """Accumulates routing weights per batch row, so that requests sharing a batch are told apart.
 
     Like :class:`RoutingRecorder`, each routed module reports the weights of the last position
-    of every row; the sums stay on the model's device until :meth:`mean_weights` is called.
+    of every row. Call :meth:`mean_weights` once, after the forward pass.
     """
 
     def __init__(self, batch_size: int) -> None:
         self.batch_size = batch_size
         self.expert_names: list[str] = []
         self._column: dict[str, int] = {}
-        self._columns: dict[tuple[str, ...], torch.Tensor] = {}
-        self._sums: torch.Tensor | None = None  # (B, E_all)
-        self._seen = torch.zeros(batch_size, 0, dtype=torch.bool)  # (B, E_all): the experts in each row's scope
-        self._decisions = torch.zeros(batch_size)  # (B,)
+        self._records: list[tuple[tuple[str, ...], torch.Tensor | None, torch.Tensor]] = []
 
     def record(self, module: str, expert_names: Sequence[str], weights: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        """Add the last position's weights (B_g, T, E) of ``rows`` (None: every row)."""
-        key = tuple(expert_names)
-        columns = self._columns.get(key)
-        if columns is None:
-            for name in key:
-                if name not in self._column:
-                    self._column[name] = len(self.expert_names)
-                    self.expert_names.append(name)
-            columns = self._columns[key] = torch.tensor([self._column[name] for name in key])
-        last = weights[:, -1].detach().float()  # (B_g, E)
-        if self._sums is None:
-            self._sums = torch.zeros(self.batch_size, 0, device=last.device)
-        if self._sums.shape[1] < len(self.expert_names):
-            grown = self._sums.new_zeros(self.batch_size, len(self.expert_names))
-            grown[:, : self._sums.shape[1]] = self._sums
-            self._sums = grown
-            seen = torch.zeros(self.batch_size, len(self.expert_names), dtype=torch.bool)
-            seen[:, : self._seen.shape[1]] = self._seen
-            self._seen = seen
-        row_index = torch.arange(self.batch_size) if rows is None else rows.cpu()
-        self._sums.index_put_((row_index[:, None].to(last.device), columns[None, :].to(last.device)), last, accumulate=True)
-        self._seen[row_index[:, None], columns[None, :]] = True
-        self._decisions[row_index] += 1
+        """Keep the last position's weights (B_g, T, E) of ``rows`` (None: every row) for :meth:`mean_weights`."""
+        # Summing is left to mean_weights, which adds the records of each group of rows in one
+        # operation; a forward pass records once per routed module.
+        self._records.append((tuple(expert_names), rows, weights[:, -1].detach()))
 
     def mean_weights(self) -> list[dict[str, float]]:
         """Return, per row, each expert's weight averaged over that row's decisions."""
-        if self._sums is None:
-            return [{} for _ in range(self.batch_size)]
-        sums = self._sums.cpu()
+        groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        row_sets: dict[tuple, torch.Tensor | None] = {}
+        for names, rows, last in self._records:
+            key = (names, None if rows is None else tuple(rows.tolist()))
+            groups[key].append(last)
+            row_sets[key] = rows
+        self._records.clear()
+        for (names, _), lasts in groups.items():
+            for name in names:
+                if name not in self._column:
+                    self._column[name] = len(self.expert_names)
+                    self.expert_names.append(name)
+        sums = torch.zeros(self.batch_size, len(self.expert_names))
+        seen = torch.zeros(self.batch_size, len(self.expert_names), dtype=torch.bool)
+        decisions = torch.zeros(self.batch_size)
+        for key, lasts in groups.items():
+            names, rows = key[0], row_sets[key]
+            row_index = torch.arange(self.batch_size) if rows is None else rows.cpu()
+            columns = torch.tensor([self._column[name] for name in names])
+            total = torch.stack(lasts).float().sum(dim=0).cpu()  # (B_g, E)
+            sums.index_put_((row_index[:, None], columns[None, :]), total, accumulate=True)
+            seen[row_index[:, None], columns[None, :]] = True
+            decisions[row_index] += len(lasts)
         result = []
         for row in range(self.batch_size):
-            decisions = float(self._decisions[row])
-            if not decisions:
+            count = float(decisions[row])
+            if not count:
                 result.append({})
                 continue
-            result.append({name: float(sums[row, column]) / decisions for name, column in self._column.items() if self._seen[row, column]})
+            result.append({name: float(sums[row, column]) / count for name, column in self._column.items() if seen[row, column]})
         return result
 
 
@@ -298,6 +296,7 @@ class RoutedLinear(nn.Module):
         options = {"device": weight.device, "dtype": weight.dtype}
         self.expert_names = list(names)
         self._position = {name: index for index, name in enumerate(self.expert_names)}
+        self._scopes: dict[tuple[str, ...] | None, tuple[list[int], torch.Tensor]] = {}
         rank = max((a.shape[0] for a in lora_a), default=0)
         stacked_a = torch.zeros(len(lora_a), rank, self.in_features, **options)  # (E, R, D_in)
         stacked_b = torch.zeros(len(lora_b), self.out_features, rank, **options)  # (E, D_out, R)
@@ -320,9 +319,18 @@ class RoutedLinear(nn.Module):
 
     def scope(self, experts: tuple[str, ...] | None) -> list[int]:
         """Return the indices of this layer's experts that are in ``experts`` (None: all)."""
-        if experts is None:
-            return list(range(len(self.expert_names)))
-        return [self._position[name] for name in experts if name in self._position]
+        return self._scope(experts)[0]
+
+    def _scope(self, experts: tuple[str, ...] | None) -> tuple[list[int], torch.Tensor]:
+        """The indices of :meth:`scope` as a list and as a tensor, cached per set of experts (every decode step asks again)."""
+        cached = self._scopes.get(experts)
+        if cached is None:
+            if experts is None:
+                indices = list(range(len(self.expert_names)))
+            else:
+                indices = [self._position[name] for name in experts if name in self._position]
+            cached = self._scopes[experts] = (indices, torch.tensor(indices, device=self.lora_a.device, dtype=torch.long))
+        return cached
 
     def token_logits(self, flat: torch.Tensor, scope: list[int], method: str) -> torch.Tensor:
         """Return the unscaled logits (N, E) of the tokens ``flat`` (N, D_in) for the experts in ``scope``."""
@@ -381,14 +389,13 @@ class RoutedLinear(nn.Module):
             names = [self.expert_names[position] for position, _ in fixed]
             return index, weights, names, None
 
-        scope = self.scope(settings.experts)
+        scope, scope_index = self._scope(settings.experts)
         if not scope:
             return None
         logits = self._routing_logits(tokens, scope, settings, rows, length) / settings.temperature  # (N, E)
         k = min(settings.top_k, len(scope))
         top_logits, top_local = logits.topk(k, dim=-1)  # (N, K)
         weights = torch.softmax(top_logits.float(), dim=-1).to(tokens.dtype)  # (N, K)
-        scope_index = torch.tensor(scope, device=tokens.device)
         dense = None
         if self._state.recorder is not None:
             dense = torch.zeros_like(logits).scatter(1, top_local, weights)  # (N, E)
@@ -400,8 +407,10 @@ class RoutedLinear(nn.Module):
         if self.sequence_logits is None:
             raise QuiverError(f"routing method {settings.method!r} needs the prompt scores; score the prompt first")
         per_row = self.sequence_logits if rows is None else self.sequence_logits[rows.to(self.sequence_logits.device)]  # (B_g, E_all)
-        per_row = per_row[:, scope].to(tokens.dtype)  # (B_g, E)
-        sequence = per_row.repeat_interleave(length, dim=0)  # (N, E)
+        if len(scope) != per_row.shape[1]:
+            per_row = per_row[:, scope]
+        per_row = per_row.to(tokens.dtype)  # (B_g, E)
+        sequence = per_row if length == 1 else per_row.repeat_interleave(length, dim=0)  # (N, E)
         if settings.method == "sequence":
             return sequence
         token = self.token_logits(tokens, scope, "normalized")  # (N, E)
@@ -412,7 +421,7 @@ class RoutedLinear(nn.Module):
         count, k = index.shape
         if count * k <= GATHER_MAX_PAIRS:
             pairs = index.reshape(-1)  # (N·K,)
-            inputs = tokens.repeat_interleave(k, dim=0)[:, :, None]  # (N·K, D_in, 1)
+            inputs = (tokens if k == 1 else tokens.repeat_interleave(k, dim=0))[:, :, None]  # (N·K, D_in, 1)
             hidden = torch.bmm(self.lora_a[pairs], inputs) * weights.reshape(-1, 1, 1)  # (N·K, R, 1)
             outputs = torch.bmm(self.lora_b[pairs], hidden)  # (N·K, D_out, 1)
             return outputs.reshape(count, k, -1).sum(dim=1)  # (N, D_out)
