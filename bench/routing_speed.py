@@ -9,7 +9,7 @@ Builds random rank-8 LoRA experts on every linear module of the embedded model's
    Quiver and PEFT's Arrow side by side, for each library size, relative to the base model alone;
 3. the memory that Quiver's routed layers hold for the experts, against the adapter files.
 
-It prints the tables and overwrites ``docs/benchmarks.md``. Run it from the repository root::
+It prints the tables and rewrites its section of ``docs/benchmarks.md``. Run it from the repository root::
 
     .venv/bin/python bench/routing_speed.py                  # 1, 8, 64 and 256 experts
     .venv/bin/python bench/routing_speed.py --quick          # smoke run: 1 and 8 experts
@@ -47,6 +47,8 @@ from peft import ArrowConfig, LoraConfig, create_arrow_model
 from peft.tuners.lora.arrow import ArrowLoraLinearLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from report_file import write_section
 
 from quiver.library import (
     DEFAULT_MODEL_NAME,
@@ -875,8 +877,8 @@ def write_markdown(report: Report, path: Path) -> None:
             *markdown_table(["operator", "self ms", "calls"], [[f"`{name}`", f"{ms:.1f}", str(calls)] for name, ms, calls in operators], align="lrr"),
             "",
         ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    # The page holds other benchmarks too, so this report is one section, its headings one level down.
+    write_section(path, "routing_speed", [f"#{line}" if line.startswith("#") else line for line in lines])
 
 
 # --------------------------------------------------------------------------------------------
@@ -891,7 +893,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model and expert dtype (default: float32)")
     parser.add_argument("--threads", type=int, default=available_cores(), help="torch CPU threads (default: the available cores)")
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler run of the slowest Quiver case")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="Markdown report to overwrite (default: docs/benchmarks.md)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="Markdown page whose routing section is rewritten (default: docs/benchmarks.md)")
     arguments = parser.parse_args()
     if arguments.quick and "--experts" not in sys.argv[1:]:
         arguments.experts = [1, 8]

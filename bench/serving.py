@@ -20,7 +20,7 @@ For each run it reports:
 Then it checks the two targets: tokens/s at 16 clients over tokens/s at 1 client (at least 5×),
 and routed tokens/s over base-model tokens/s at 16 clients (at least 0.7×), both with 64 tokens.
 
-The tables are printed in Markdown, ready for docs/benchmarks.md. Run it from the repository root::
+The tables are printed in Markdown and written into the serving section of docs/benchmarks.md. Run it from the repository root::
 
     .venv/bin/python bench/serving.py                       # 1, 4 and 16 clients, 64 tokens each
     .venv/bin/python bench/serving.py --quick               # smoke run: 16 tokens, 1 request per client
@@ -64,6 +64,7 @@ import torch
 import transformers
 import uvicorn
 from peft import LoraConfig, get_peft_model
+from report_file import write_section
 
 from quiver.client import Client
 from quiver.library import load_base_model
@@ -622,9 +623,8 @@ def report_lines(report: Report) -> list[str]:
         *markdown_table(*result_rows(report.runs, routed_label), align="rlrrrrrrrrr"),
         "",
         "tokens/s: the generated tokens of all successful requests over the wall time of the run. Latency: request sent "
-        "to last event read. TTFT: request sent to the first `data:` event read. The server sends each token's event "
-        "only once the next token exists (the last event carries the details), so this includes one more decode step "
-        "than the server's own time to first token. Failed: any status other than 200, an error event, or fewer "
+        "to last event read. TTFT: request sent to the first `data:` event read, queueing and the prefill pass "
+        "included. Failed: any status other than 200, an error event, or fewer "
         "tokens than requested. Mean batch: the running requests per decode step, from the server's metrics.",
         "",
         *markdown_table(*check_rows(report.checks), align="llrl"),
@@ -701,6 +701,13 @@ def parse_arguments() -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 16 tokens and 1 request per client unless --tokens or --requests-per-client is given")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the settings and every request's numbers to this JSON file")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="Markdown page whose serving section is rewritten (default: docs/benchmarks.md, except with --quick, which writes none)",
+    )
     arguments = parser.parse_args()
 
     arguments.clients = sorted(set(arguments.clients))
@@ -842,6 +849,10 @@ def main() -> int:
     if arguments.json is not None:
         write_json(report, arguments.json)
         print(f"wrote {arguments.json}")
+    output = arguments.output or (None if arguments.quick else REPOSITORY / "docs" / "benchmarks.md")
+    if output is not None:
+        write_section(output, "serving", report_lines(report))
+        print(f"wrote the serving section of {output}")
     return 1 if any(run.failed for run in session.runs) else 0
 
 
