@@ -161,7 +161,7 @@ class RoutingRecorder:
 
 
 class RowRecorder:
-    """Accumulates routing weights per batch row, so that requests sharing a batch are told apart.
+    """Accumulates routing weights per batch row, so that requests sharing a batch are kept apart.
 
     Like :class:`RoutingRecorder`, each routed module reports the weights of the last position
     of every row. Call :meth:`mean_weights` once, after the forward pass.
@@ -322,7 +322,7 @@ class RoutedLinear(nn.Module):
         return self._scope(experts)[0]
 
     def _scope(self, experts: tuple[str, ...] | None) -> tuple[list[int], torch.Tensor]:
-        """The indices of :meth:`scope` as a list and as a tensor, cached per set of experts (every decode step asks again)."""
+        """The indices of :meth:`scope` as a list and as a tensor, cached per set of experts because every decode step needs them."""
         cached = self._scopes.get(experts)
         if cached is None:
             if experts is None:

@@ -41,7 +41,7 @@ def _poll_hub(hub, interval: float, stop: threading.Event) -> None:
 
 
 class RequestIdMiddleware:
-    """Give every request an id (the client's ``X-Request-ID`` when usable), echo it, and count the answer.
+    """Give every request an id (the client's ``X-Request-ID`` when usable), echo it, and count the response.
 
     A plain ASGI middleware rather than a FastAPI ``http`` middleware: the latter wraps the
     request's receive channel, and routes then never learn that their client disconnected.
@@ -112,7 +112,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
 
     # Only uploads carry large bodies, but the limit holds for every request.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_mb * 2**20)
-    # Added last, so it runs first: the request id and the metrics cover every answer, errors included.
+    # Added last, so it runs first: the request id and the metrics cover every response, errors included.
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
     app.include_router(health.router)

@@ -1,8 +1,8 @@
 """Continuous batching: concurrent requests share the model's forward passes.
 
-One scheduler thread owns the model. Each iteration it admits waiting requests up to the batch
-size (their prompts run together in one prefill pass), then runs one decode step for every
-running request, and drops the requests that finished, were cancelled or ran out of time. A
+One scheduler thread owns the model. Each iteration admits waiting requests up to the batch
+size, and their prompts run together in one prefill pass. Then one decode step runs for every
+running request, and the requests that finished, were cancelled or timed out leave the batch. A
 request therefore joins at the next step and leaves as soon as it is done, without waiting for
 the others.
 
@@ -64,7 +64,7 @@ class RequestTimeoutError(QuiverError):
 
 
 class GenerationCancelledError(QuiverError):
-    """A request cancelled because its client went away; nobody reads its answer."""
+    """A request stopped because its client disconnected."""
 
     def __init__(self) -> None:
         super().__init__("the client closed the connection, so the generation was stopped")
@@ -181,7 +181,7 @@ class Job:
             return
         try:
             self.loop.call_soon_threadsafe(self._async_events.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
+        except RuntimeError:  # the event loop is closed, so no reader is left
             self.cancelled = True
 
     async def events(self) -> AsyncIterator[Event]:

@@ -233,7 +233,7 @@ class Engine:
 
 
 def build_response(finished: Finished, tokens: list[TokenEvent], parameters: GenerateParameters, inputs: str) -> GenerateResponse:
-    """The TGI-style response of a finished generation."""
+    """Build the TGI-style response of a finished generation."""
     text = finished.generated_text
     if parameters.return_full_text:
         text = inputs + text
@@ -253,7 +253,7 @@ def build_response(finished: Finished, tokens: list[TokenEvent], parameters: Gen
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """The token ids that end a generation: the tokenizer's and the generation config's end-of-sequence tokens."""
+    """Return the token ids that end a generation: the tokenizer's and the generation config's end-of-sequence tokens."""
     ids: set[int] = set()
     for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
         if isinstance(value, int):
@@ -264,7 +264,7 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[
 
 
 def _processors(parameters: GenerateParameters, prompt_length: int) -> LogitsProcessorList:
-    """The transformers logits processors of a request's penalties and sampling settings."""
+    """Build the transformers logits processors of a request's penalties and sampling settings."""
     processors = LogitsProcessorList()
     if parameters.repetition_penalty not in (None, 1.0):
         processors.append(RepetitionPenaltyLogitsProcessor(parameters.repetition_penalty))

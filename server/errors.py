@@ -80,7 +80,7 @@ def error_response(
 
 
 def stream_error_payload(error: Exception) -> dict:
-    """The server-sent event that ends a stream which failed after it started."""
+    """Return the server-sent event that ends a stream which failed after it started."""
     if isinstance(error, RequestTimeoutError):
         return {"error": str(error), "error_type": "overloaded", "code": "request_timeout"}
     logger.error("a streamed generation failed: %s", error, exc_info=error)
@@ -132,7 +132,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(GenerationCancelledError)
     async def cancelled(request: Request, error: GenerationCancelledError) -> JSONResponse:
-        # 499 "client closed request", as nginx logs it: nobody receives this answer.
+        # 499 "client closed request", as nginx logs it. The client is gone, so only the log shows it.
         return error_response(request, 499, "cancelled", str(error))
 
     @app.exception_handler(QueueFullError)

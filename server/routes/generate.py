@@ -33,7 +33,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def start_job(engine: Engine, request: Request, inputs: str, body: GenerateRequest) -> Job:
-    """Tokenize and queue a generation; errors in the request raise here, before any answer starts."""
+    """Tokenize and queue a generation, raising errors in the request before the response starts."""
     prompt_ids = await run_in_threadpool(engine.encode, inputs, body.parameters.truncate)
     return engine.submit(prompt_ids, body.parameters, request_id=request.state.request_id, loop=asyncio.get_running_loop())
 
@@ -159,7 +159,7 @@ def _token(event: TokenEvent) -> Token:
 
 @router.post("/", response_model=None)
 async def compat_generate(body: GenerateRequest, engine: EngineDep, request: Request):
-    """TGI's and LoRAX's root route: ``/generate`` answered as a one-item list, or ``/generate_stream`` when ``stream`` is true."""
+    """Serve TGI's and LoRAX's root route: ``/generate``'s response as a one-item list, or ``/generate_stream`` when ``stream`` is true."""
     if body.stream:
         return await generate_stream(body, engine, request)
     return [await generate(body, engine, request)]
@@ -173,7 +173,7 @@ def _version() -> str:
 
 @router.get("/info")
 def info(engine: EngineDep) -> dict:
-    """What is served and within which limits, in TGI's ``/info`` shape with Quiver's routing added."""
+    """Describe the served model and the limits in TGI's ``/info`` shape, with Quiver's experts and routing added."""
     settings = engine.settings
     return {
         "model_id": engine.base_model_id,

@@ -1,6 +1,6 @@
 """OpenAI-compatible routes: ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``.
 
-``model`` picks what answers: ``quiver`` (or no model) routes every token across the library, an
+``model`` picks what generates: ``quiver`` (or no model) routes every token across the library, an
 expert's name serves that expert alone. Sampling follows OpenAI's defaults: temperature 1 unless
 given, and temperature 0 is greedy decoding. Stop sequences are left out of the returned text,
 as OpenAI does. Quiver's ``routing`` settings can be added to the body (``extra_body`` in the
@@ -44,7 +44,7 @@ class _OpenAIRequest(BaseModel):
     n: int = Field(1, description="only 1 is supported")
     stream: bool = False
     stream_options: dict | None = Field(None, description="{'include_usage': true} adds a last chunk with the token counts")
-    stop: str | list[str] | None = Field(None, description="up to 8 strings that end the answer; they are not returned")
+    stop: str | list[str] | None = Field(None, description="up to 8 strings that end the generated text; they are left out of the response")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, description="only 0 (or null) is supported")
@@ -75,7 +75,7 @@ class _OpenAIRequest(BaseModel):
 
 class CompletionRequest(_OpenAIRequest):
     prompt: str | list[str] = Field(..., description="the prompt; a list must hold exactly one string")
-    max_tokens: int | None = Field(16, ge=1, description="the most tokens to generate; null for the server's limit")
+    max_tokens: int | None = Field(16, ge=1, description="maximum number of tokens to generate; null for the server's limit")
     echo: bool = Field(False, description="only false is supported")
     logprobs: int | None = Field(None, description="not supported; must be null or 0")
     suffix: str | None = Field(None, description="not supported; must be null")
@@ -116,7 +116,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="the most tokens to generate; null for the server's limit")
+    max_tokens: int | None = Field(None, ge=1, description="maximum number of tokens to generate; null for the server's limit")
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
     logprobs: bool | None = Field(None, description="not supported; must be null or false")
     top_logprobs: int | None = Field(None, description="not supported; must be null")
@@ -141,7 +141,7 @@ class ChatCompletionRequest(_OpenAIRequest):
 
 
 def _parameters(engine: Engine, body: _OpenAIRequest, max_tokens: int | None) -> GenerateParameters:
-    """The TGI-style parameters of an OpenAI request, ``model`` deciding between routing and one expert."""
+    """Translate an OpenAI request into TGI-style parameters, ``model`` deciding between routing and one expert."""
     adapter_id = None
     if body.model not in (None, "", ROUTED_MODEL):
         if body.model not in engine.library.names():
@@ -279,7 +279,7 @@ async def completions(body: CompletionRequest, engine: EngineDep, request: Reque
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, engine: EngineDep, request: Request):
-    """Answer a conversation, rendered with the model's chat template."""
+    """Continue a conversation, rendered with the model's chat template."""
     parameters = _parameters(engine, body, body.max_completion_tokens or body.max_tokens)
     prompt_ids = await run_in_threadpool(_render_chat, engine, body)
     job = await _submit(engine, request, prompt_ids, parameters)
@@ -324,7 +324,7 @@ async def chat_completions(body: ChatCompletionRequest, engine: EngineDep, reque
 
 
 async def _stream(job: Job, events: AsyncIterator, first, body: _OpenAIRequest, request: Request, chunk) -> AsyncIterator[bytes]:
-    """Server-sent chunks of an OpenAI stream, ending with ``data: [DONE]``."""
+    """Yield the server-sent chunks of an OpenAI stream, ending with ``data: [DONE]``."""
     trimmer = _StopTrimmer(body.stop_list)
     try:
         event = first

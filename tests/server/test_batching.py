@@ -101,7 +101,7 @@ def test_solo_answer_matches_transformers_generate(make_engine):
     assert [token.id for token in answer.details.tokens] == reference[0, encoded["input_ids"].shape[1] :].tolist()
 
 
-def test_sampled_request_is_the_same_with_or_without_neighbours(make_engine):
+def test_seeded_sample_ignores_batch_neighbours(make_engine):
     engine = make_engine(delay=0.005)
     sampled = GenerateParameters(max_new_tokens=15, do_sample=True, temperature=0.9, top_k=20, top_p=0.95, seed=7, ignore_eos_token=True)
     greedy = GenerateParameters(max_new_tokens=10, ignore_eos_token=True)

@@ -332,3 +332,24 @@ def test_one_log_line_per_request_with_its_id(url, caplog):
     assert len(lines) == 1
     assert "generated_tokens=" in lines[0]
     assert "top_experts=two:1.00" in lines[0]
+
+
+def test_openai_model_left_out_routes_the_library(url):
+    response = httpx.post(f"{url}/v1/completions", json={"prompt": "hello world", "max_tokens": 5, "temperature": 0}, timeout=60)
+
+    assert response.status_code == 200
+    assert response.json()["model"] == "quiver"
+    assert response.json()["choices"][0]["text"] == _generate(url, max_new_tokens=5)["generated_text"]
+
+
+def test_chat_without_template_is_422(url, server):
+    tokenizer = server[1].tokenizer
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    try:
+        response = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, timeout=60)
+    finally:
+        tokenizer.chat_template = template
+
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "no_chat_template"
+    assert "send a plain prompt to /v1/completions" in response.json()["error"]["message"]
