@@ -747,7 +747,7 @@ def run_session(arguments: argparse.Namespace, settings: Settings, adapters: lis
     with running_server(settings) as (base_url, app):
         session.startup_s["server_start"] = time.perf_counter() - step
         step = time.perf_counter()
-        with Client(base_url) as client:
+        with Client(base_url=base_url) as client:
             for adapter in adapters:
                 client.upload_expert(adapter, adapter.name)
         session.startup_s["upload_experts"] = time.perf_counter() - step

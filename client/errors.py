@@ -3,13 +3,16 @@
     QuiverClientError (Exception)
     ├── TransportError                  the server could not be reached or timed out
     └── APIError                        the server returned an error status
+        ├── UnauthorizedError           401: the bearer token is missing or wrong
         ├── NotFoundError (KeyError)    404: no such expert or route
         ├── ConflictError               409: the expert name is taken
         ├── InvalidRequestError (ValueError)
         │   │                           422: invalid request or expert; ``problems`` lists them
         │   ├── InvalidExpertError      422: the uploaded adapter cannot be served
         │   └── UploadTooLargeError     413: the upload is over the server's size limit
-        └── ServerError                 5xx
+        ├── OverloadedError             503 or 429: the queue is full (retried) or the request timed out
+        ├── HubError                    the server's Hugging Face Hub request failed (``hub_*`` codes)
+        └── ServerError                 other 5xx
 """
 
 from __future__ import annotations
@@ -34,10 +37,20 @@ class APIError(QuiverClientError):
         detail: the server's message.
         problems: every problem found, for invalid requests and experts.
         request_id: the id the server logged the request under.
+        retry_after: seconds the server asked the client to wait (``Retry-After``), if it did.
     """
 
-    def __init__(self, status_code: int, code: str, detail: str, problems: list[str] | None = None, request_id: str | None = None) -> None:
+    def __init__(
+        self,
+        status_code: int,
+        code: str,
+        detail: str,
+        problems: list[str] | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         self.status_code = status_code
+        self.retry_after = retry_after
         self.code = code
         self.detail = detail
         self.problems = problems or []
@@ -46,6 +59,10 @@ class APIError(QuiverClientError):
 
     def __str__(self) -> str:
         return f"{self.status_code} {self.code}: {self.detail}"
+
+
+class UnauthorizedError(APIError):
+    """401: the server requires a bearer token (its QUIVER_API_TOKEN) that was missing or wrong."""
 
 
 class NotFoundError(APIError, KeyError):
@@ -68,6 +85,22 @@ class UploadTooLargeError(InvalidRequestError):
     """413: the request body is larger than the server accepts (QUIVER_MAX_UPLOAD_MB)."""
 
 
+class OverloadedError(APIError):
+    """503 or 429: the server's queue is full, or the request did not finish within its timeout.
+
+    A full queue (``code == "overloaded"``) and 429 are retried by the clients with backoff; a
+    request that timed out is not, since retrying would most likely time out again.
+    """
+
+    @property
+    def retryable(self) -> bool:
+        return self.status_code == 429 or self.code == "overloaded"
+
+
+class HubError(APIError):
+    """The server's request to the Hugging Face Hub failed: a missing repo or revision, a refused token, or an unreachable Hub."""
+
+
 class ServerError(APIError):
     """5xx: the server failed."""
 
@@ -81,11 +114,20 @@ def error_from_response(response: httpx.Response) -> APIError:
     if not isinstance(body, dict):
         body = {"detail": response.text or response.reason_phrase, "code": "http_error"}
 
-    detail = str(body.get("detail", response.reason_phrase))
-    code = str(body.get("code", "http_error"))
-    arguments = (response.status_code, code, detail, body.get("problems"), body.get("request_id"))
+    error = body.get("error")
+    if isinstance(error, dict):  # the OpenAI-shaped errors of /v1/ routes
+        body = {"detail": error.get("message"), "code": error.get("code"), "request_id": body.get("request_id")}
+    detail = str(body.get("detail") or response.reason_phrase)
+    code = str(body.get("code") or "http_error")
+    arguments = (response.status_code, code, detail, body.get("problems"), body.get("request_id"), _retry_after(response))
 
     status = response.status_code
+    if code.startswith("hub_"):
+        return HubError(*arguments)
+    if status == 401:
+        return UnauthorizedError(*arguments)
+    if status == 429 or (status == 503 and code in ("overloaded", "request_timeout")):
+        return OverloadedError(*arguments)
     if status == 404:
         return NotFoundError(*arguments)
     if status == 409:
@@ -99,3 +141,11 @@ def error_from_response(response: httpx.Response) -> APIError:
     if status >= 500:
         return ServerError(*arguments)
     return APIError(*arguments)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """The ``Retry-After`` header in seconds, or None when it is missing or a date."""
+    try:
+        return max(0.0, float(response.headers["Retry-After"]))
+    except (KeyError, ValueError):
+        return None

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .auth import BearerTokenMiddleware
 from .engine import Engine
 from .errors import install_error_handlers
 from .limits import BodyLimitMiddleware
@@ -112,6 +113,9 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
 
     # Only uploads carry large bodies, but the limit holds for every request.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_mb * 2**20)
+    if settings.api_token:
+        # Before the body limit, so that a request without the token is refused before its body is read.
+        app.add_middleware(BearerTokenMiddleware, token=settings.api_token, protect_reads=settings.api_token_reads)
     # Added last, so it runs first: the request id and the metrics cover every response, errors included.
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)

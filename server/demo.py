@@ -121,7 +121,7 @@ def run_demo(settings: Settings, *, port: int = 0, serve: bool = False, retrain:
         time.sleep(0.1)
 
     try:
-        with Client(base_url, timeout=600) as client:
+        with Client(base_url=base_url, timeout=600) as client:
             for name, folder in experts.items():
                 expert = client.upload_expert(folder, name=name, task=SKILLS[name].description)
                 print(f"Uploaded expert {expert.name!r}: rank {expert.rank}, {expert.module_count} modules, prototypes computed")

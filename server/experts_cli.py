@@ -59,7 +59,7 @@ def add_experts_parser(commands: argparse._SubParsersAction) -> None:
 def _client(args: argparse.Namespace):
     from quiver.client import Client
 
-    return Client(args.url, timeout=args.timeout)
+    return Client(base_url=args.url, timeout=args.timeout)
 
 
 def _print_expert(expert, as_json: bool) -> None:

@@ -59,6 +59,10 @@ class Settings:
     """The branch of ``hub_repo`` to pull from and push to."""
     sync_interval: float = 60.0
     """Seconds between polls of ``hub_repo`` for changes; 0 turns polling off (webhooks still work)."""
+    api_token: str | None = None
+    """The bearer token that write routes (uploads, deletes, syncs) require; None leaves them open."""
+    api_token_reads: bool = False
+    """Whether every route except ``/health`` requires ``api_token`` too, generation and metrics included."""
     webhook_secret: str | None = None
     """The secret that ``POST /hub/webhook`` expects in ``X-Webhook-Secret``; None turns the webhook off."""
 
@@ -96,11 +100,22 @@ class Settings:
                 raise ValueError(f"QUIVER_{name.upper()}={getattr(self, name)} is invalid: expected at least 1")
         if self.max_queue < 0:
             raise ValueError(f"QUIVER_MAX_QUEUE={self.max_queue} is invalid: expected 0 or more")
+        if self.api_token_reads and not self.api_token:
+            raise ValueError("QUIVER_API_TOKEN_READS=1 needs QUIVER_API_TOKEN: set the token that reads should require")
+        if self.api_token is not None and len(self.api_token) < 16:
+            raise ValueError(f"QUIVER_API_TOKEN is {len(self.api_token)} characters long; use at least 16 random characters")
         if not self.request_timeout > 0:
             raise ValueError(f"QUIVER_REQUEST_TIMEOUT={self.request_timeout} is invalid: expected a positive number of seconds")
 
 
 def _parse(variable: str, raw: str, default: object) -> object:
+    if isinstance(default, bool):
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{variable}={raw!r} is invalid: expected 1 or 0 (true or false)")
     if isinstance(default, float):
         try:
             return float(raw)

@@ -9,13 +9,17 @@ import pytest
 import quiver.client
 from quiver.client import (
     APIError,
+    AsyncClient,
     Client,
     ConflictError,
+    HubError,
     InvalidExpertError,
     InvalidRequestError,
     NotFoundError,
+    OverloadedError,
     ServerError,
     TransportError,
+    UnauthorizedError,
 )
 
 
@@ -52,7 +56,7 @@ def _client_answering(status, body):
     def handler(request):
         return httpx.Response(status, json=body)
 
-    return Client("http://quiver.test", transport=httpx.MockTransport(handler))
+    return Client(base_url="http://quiver.test", transport=httpx.MockTransport(handler))
 
 
 @pytest.mark.parametrize(
@@ -64,6 +68,10 @@ def _client_answering(status, body):
         (422, "invalid_request", InvalidRequestError),
         (500, "internal_error", ServerError),
         (418, "teapot", APIError),
+        (401, "unauthorized", UnauthorizedError),
+        (503, "request_timeout", OverloadedError),
+        (404, "hub_repo_not_found", HubError),
+        (502, "hub_unavailable", HubError),
     ],
 )
 def test_error_status_maps_to_exception(status, code, error_type):
@@ -84,7 +92,7 @@ def test_error_without_json_body():
     def handler(request):
         return httpx.Response(502, text="bad gateway")
 
-    with Client("http://quiver.test", transport=httpx.MockTransport(handler)) as client:
+    with Client(base_url="http://quiver.test", transport=httpx.MockTransport(handler)) as client:
         with pytest.raises(ServerError, match="502 http_error: bad gateway"):
             client.health()
 
@@ -92,18 +100,99 @@ def test_error_without_json_body():
 def test_unreachable_server(tmp_path):
     from tests.live_server import free_port
 
-    with Client(f"http://127.0.0.1:{free_port()}", timeout=5) as client:
+    with Client(base_url=f"http://127.0.0.1:{free_port()}", timeout=5, max_retries=0) as client:
         with pytest.raises(TransportError, match="cannot reach"):
             client.health()
 
 
 def test_upload_checks_folder(tmp_path):
-    with Client("http://quiver.test") as client:
+    with Client(base_url="http://quiver.test") as client:
         with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
             client.upload_expert(tmp_path, name="x")
 
 
 def test_generate_rejects_unknown_parameter():
-    with Client("http://quiver.test") as client:
+    with Client(base_url="http://quiver.test") as client:
         with pytest.raises(ValueError, match="max_tokens"):
             client.generate("hello", max_tokens=5)
+
+
+def _overloaded_then_ok(failures: int, calls: list, retry_after: str = "0"):
+    def handler(request):
+        calls.append(request)
+        if len(calls) <= failures:
+            body = {"detail": "the server is at capacity", "code": "overloaded", "request_id": "r"}
+            return httpx.Response(503, json=body, headers={"Retry-After": retry_after})
+        return httpx.Response(200, json={"status": "ok", "base_model": "m", "device": "cpu", "experts": 0})
+
+    return handler
+
+
+def test_overloaded_request_is_retried():
+    calls: list = []
+
+    with Client(base_url="http://quiver.test", transport=httpx.MockTransport(_overloaded_then_ok(2, calls))) as client:
+        health = client.health()
+
+    assert health.status == "ok"
+    assert len(calls) == 3
+
+
+def test_retries_give_up_with_overloaded_error():
+    calls: list = []
+
+    with Client(base_url="http://quiver.test", max_retries=1, transport=httpx.MockTransport(_overloaded_then_ok(5, calls))) as client:
+        with pytest.raises(OverloadedError, match="at capacity") as raised:
+            client.health()
+
+    assert len(calls) == 2
+    assert raised.value.retry_after == 0
+
+
+def test_timed_out_request_is_not_retried():
+    calls: list = []
+
+    def handler(request):
+        calls.append(request)
+        return httpx.Response(503, json={"detail": "timed out", "code": "request_timeout", "request_id": "r"}, headers={"Retry-After": "1"})
+
+    with Client(base_url="http://quiver.test", transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(OverloadedError):
+            client.health()
+
+    assert len(calls) == 1
+
+
+def test_async_client_retries_too():
+    import asyncio
+
+    calls: list = []
+
+    async def run():
+        transport = httpx.MockTransport(_overloaded_then_ok(1, calls))
+        async with AsyncClient(base_url="http://quiver.test", transport=transport) as client:
+            return await client.health()
+
+    assert asyncio.run(run()).status == "ok"
+    assert len(calls) == 2
+
+
+def test_token_is_sent_as_bearer(monkeypatch):
+    seen: list = []
+
+    def handler(request):
+        seen.append(request.headers.get("Authorization"))
+        return httpx.Response(200, json={"status": "ok", "base_model": "m", "device": "cpu", "experts": 0})
+
+    monkeypatch.setenv("QUIVER_API_TOKEN", "from-the-environment")
+    with Client(base_url="http://quiver.test", token="explicit-token-1234", transport=httpx.MockTransport(handler)) as client:
+        client.health()
+    with Client(base_url="http://quiver.test", transport=httpx.MockTransport(handler)) as client:
+        client.health()
+
+    assert seen == ["Bearer explicit-token-1234", "Bearer from-the-environment"]
+
+
+def test_options_are_keyword_only():
+    with pytest.raises(TypeError):
+        Client("http://quiver.test")  # type: ignore[misc]

@@ -26,7 +26,7 @@ def test_upload_generate_delete(adapters, tmp_path):
     attention, mlp = adapters
     settings = Settings.from_env(library_dir=tmp_path / "library", device="cpu")
 
-    with serve(create_app(settings), timeout=300) as base_url, Client(base_url, timeout=300) as client:
+    with serve(create_app(settings), timeout=300) as base_url, Client(base_url=base_url, timeout=300) as client:
         health = client.health()
         assert health.base_model == DEFAULT_MODEL_NAME
         assert health.experts == 0
@@ -64,7 +64,7 @@ def test_concurrent_requests_match_transformers_generate(adapters, tmp_path):
     settings = Settings.from_env(library_dir=tmp_path / "library", device="cpu", max_batch_size=8)
     prompts = ["What is the capital of France?", "List three colors:", "2+2=", "Write a haiku about the sea and the moon."]
 
-    with serve(create_app(settings), timeout=300) as base_url, Client(base_url, timeout=300) as client:
+    with serve(create_app(settings), timeout=300) as base_url, Client(base_url=base_url, timeout=300) as client:
         engine_model, tokenizer = load_base_model(device="cpu")
         expected = []
         for prompt in prompts:

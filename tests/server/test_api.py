@@ -9,7 +9,7 @@ from tests.factories import edit_weights, library_snapshot, make_adapter, tiny_l
 
 @pytest.fixture
 def client(base_url):
-    with Client(base_url, timeout=60) as client:
+    with Client(base_url=base_url, timeout=60) as client:
         yield client
 
 

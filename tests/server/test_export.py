@@ -20,7 +20,7 @@ QUIVER = str(Path(sys.executable).parent / "quiver")
 
 @pytest.fixture
 def client(base_url):
-    with Client(base_url, timeout=60) as client:
+    with Client(base_url=base_url, timeout=60) as client:
         yield client
 
 

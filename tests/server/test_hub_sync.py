@@ -46,7 +46,7 @@ def start(hub, token, tmp_path):
             )
             engine = Engine(settings, model=tiny_llama(), tokenizer=tiny_tokenizer())
             url = stack.enter_context(serve(create_app(settings, engine=engine)))
-            client = stack.enter_context(Client(url, timeout=60))
+            client = stack.enter_context(Client(base_url=url, timeout=60))
             client.engine = engine
             return client
 
@@ -334,7 +334,7 @@ def test_unreachable_hub_serves_local_copy(start, hub, tmp_path):
 
     settings = Settings(cache_dir=tmp_path / "again", library_dir=library_dir, hub_repo=REPO, sync_interval=0)
     engine = Engine(settings, model=tiny_llama(), tokenizer=tiny_tokenizer())
-    with serve(create_app(settings, engine=engine)) as url, Client(url) as again:
+    with serve(create_app(settings, engine=engine)) as url, Client(base_url=url) as again:
         status = again.library_status()["hub"]
         names = _names(again)
 
@@ -396,7 +396,7 @@ def test_offline_mode_serves_local_copy(start, hub, tmp_path, monkeypatch):
 
     settings = Settings(cache_dir=tmp_path / "again", library_dir=tmp_path / "first" / "library", hub_repo=REPO, sync_interval=0)
     engine = Engine(settings, model=tiny_llama(), tokenizer=tiny_tokenizer())
-    with serve(create_app(settings, engine=engine)) as url, Client(url) as offline:
+    with serve(create_app(settings, engine=engine)) as url, Client(base_url=url) as offline:
         status = offline.library_status()["hub"]
         names = _names(offline)
 

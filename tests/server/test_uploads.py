@@ -306,7 +306,7 @@ def test_upload_of_pickled_weights_is_stored_as_safetensors(base_url, settings, 
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
     model.save_pretrained(folder, safe_serialization=False)
 
-    with Client(base_url, timeout=60) as client:
+    with Client(base_url=base_url, timeout=60) as client:
         created = client.upload_expert(folder, name="pickled")
 
     stored = settings.library_dir / "pickled"
