@@ -1,4 +1,4 @@
-"""The ``quiver`` command line: ``quiver serve``, ``quiver experts``, ``quiver train``, ``quiver demo`` and ``quiver eval``.
+"""The ``quiver`` command line: ``serve``, ``experts``, ``sync``, ``generate``, ``train``, ``demo`` and ``eval``.
 
 Heavy imports (torch, transformers) happen inside the commands that need them, so ``--help``
 stays fast.
@@ -7,6 +7,8 @@ stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import sys
 from pathlib import Path
@@ -71,7 +73,8 @@ def _serve(args: argparse.Namespace) -> int:
     from .app import create_app
 
     settings = _settings_from(args)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    # With --json, uvicorn keeps the root logger's JSON handler instead of installing its own.
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", log_config=None if args.json else uvicorn.config.LOGGING_CONFIG)
     return 0
 
 
@@ -84,7 +87,24 @@ def _train(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(_settings_from(args), port=args.port, serve=args.serve, retrain=args.retrain)
+    if not args.json:
+        return run_demo(_settings_from(args), port=args.port, serve=args.serve, retrain=args.retrain)
+    results: list[dict] = []
+    # The demo's running commentary goes to stderr, so that stdout holds only the JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        status = run_demo(_settings_from(args), port=args.port, serve=args.serve, retrain=args.retrain, results=results)
+    print(json.dumps({"answers": results, "correct": sum(result["correct"] for result in results)}, indent=2))
+    return status
+
+
+class _JsonLogFormatter(logging.Formatter):
+    """One JSON object per log line, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the HTTP server", description="Run the Quiver HTTP server.")
     serve.add_argument("--host", help="address to listen on (default: 127.0.0.1; QUIVER_HOST)")
     serve.add_argument("--port", type=int, help="TCP port to listen on (default: 8000; QUIVER_PORT)")
+    serve.add_argument("--json", action="store_true", help="write the log as one JSON object per line")
     _add_settings_flags(serve)
     serve.set_defaults(handler=_serve)
 
@@ -108,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="random seed for data and initialization (default: 0)")
     train.add_argument("--base-model", help="transformers causal LM id or local path (default: the embedded model)")
     train.add_argument("--cache-dir", type=Path, help="cache folder for the converted embedded model (default: ~/.cache/quiver)")
+    train.add_argument("--json", action="store_true", help="print the result as JSON (the progress bar stays on stderr)")
     train.set_defaults(handler=_train)
 
     demo = commands.add_parser(
@@ -120,14 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=0, help="TCP port for the demo server (default: a free port)")
     demo.add_argument("--serve", action="store_true", help="keep serving the demo library after the demo, until Ctrl-C")
     demo.add_argument("--retrain", action="store_true", help="train the demo experts again even if cached")
+    demo.add_argument("--json", action="store_true", help="print the answers as JSON on stdout, the commentary on stderr")
     _add_settings_flags(demo, library=False)
     demo.set_defaults(handler=_demo)
 
     from .evaluate import add_eval_parser
-    from .experts_cli import add_experts_parser, add_sync_parser
+    from .experts_cli import add_experts_parser, add_generate_parser, add_sync_parser
 
     add_experts_parser(commands)
     add_sync_parser(commands)
+    add_generate_parser(commands)
     add_eval_parser(commands)
     return parser
 
@@ -135,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve" and args.json:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(_JsonLogFormatter())
     if not args.verbose:
         # httpx logs every request at INFO, which would bury the client commands' own output.
         logging.getLogger("httpx").setLevel(logging.WARNING)

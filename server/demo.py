@@ -89,8 +89,11 @@ def _format_routing(routing: dict[str, float]) -> str:
     return "  ".join(f"{name} {weight:.0%}" for name, weight in ranked) or "(base model only)"
 
 
-def run_demo(settings: Settings, *, port: int = 0, serve: bool = False, retrain: bool = False) -> int:
-    """Run the demo end to end and print each skill's routed answer; return the exit status."""
+def run_demo(settings: Settings, *, port: int = 0, serve: bool = False, retrain: bool = False, results: list[dict] | None = None) -> int:
+    """Run the demo end to end and print each skill's routed answer; return the exit status.
+
+    ``results``, when given, receives one entry per prompt (skill, prompt, answer, correct, routing).
+    """
     import uvicorn
 
     from quiver.library.skills import SKILLS, demo_prompts, score
@@ -139,6 +142,8 @@ def run_demo(settings: Settings, *, port: int = 0, serve: bool = False, retrain:
                 own_weights.append(routing.get(name, 0.0))
                 is_correct = score(name, prompt, answer.generated_text)
                 correct += is_correct
+                if results is not None:
+                    results.append({"skill": name, "prompt": prompt, "answer": answer.generated_text, "correct": bool(is_correct), "routing": routing})
                 print(f"[{name}] {prompt.replace(chr(10), ' ')}")
                 print(f"  answer:  {answer.generated_text.strip()!r} ({'correct' if is_correct else 'wrong'})")
                 print(f"  routing: {_format_routing(routing)}\n")
@@ -194,5 +199,9 @@ def train_command(args: argparse.Namespace) -> int:
     model, tokenizer = load_base_model(args.base_model, cache_dir=args.cache_dir)
     started = time.perf_counter()
     train_expert(model, tokenizer, skill, output, progress=_progress_bar(skill.name), **options)
-    print(f"Trained {skill.name} in {time.perf_counter() - started:.0f} s: {output}")
+    seconds = time.perf_counter() - started
+    if args.json:
+        print(json.dumps({"skill": skill.name, "output": str(output), "seconds": round(seconds, 1), **options}))
+    else:
+        print(f"Trained {skill.name} in {seconds:.0f} s: {output}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def add_eval_parser(commands) -> None:
     parser.add_argument("--methods", default="", help="comma-separated evaluation method names to run, as the report names them, "
                         "for example 'oracle,arrow top-1,sequence top-1' (default: all)")
     parser.add_argument("--output", type=Path, default=Path("docs"), help="folder for the report files (default: docs)")
+    parser.add_argument("--json", action="store_true", help="print the summary rows and the written files as JSON")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="generated tokens per prompt at most (default: 24)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default: 16)")
     parser.add_argument("--base-model", help="transformers causal LM id or local path (default: the embedded model)")
@@ -79,6 +81,9 @@ def run_eval_command(args: argparse.Namespace) -> int:
     results = evaluator.run(tasks, methods, progress=lambda line: print(line, file=sys.stderr, flush=True))
     rows = summarize(results)
     paths = write_report(rows, results, args.output, title=args.title)
+    if args.json:
+        print(json.dumps({"methods": rows, "files": {kind: str(path) for kind, path in paths.items()}}, indent=2, default=str))
+        return 0
     for row in rows:
         print(f"{row['method']:<22} mean exact match {row['mean']:.2f}")
     print(f"Wrote {', '.join(str(path) for path in paths.values())}")

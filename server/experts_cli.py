@@ -1,6 +1,7 @@
-"""``quiver experts``: manage the experts of a running server through the client.
+"""``quiver experts``, ``quiver sync`` and ``quiver generate``: talk to a running server through the client.
 
-Every subcommand prints a human-readable line or table, or JSON with ``--json``.
+Every subcommand prints a human-readable line or table, or JSON with ``--json``. They import the
+client only (never torch), except ``quiver sync --library-dir``, which loads the base model.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 
@@ -18,13 +20,18 @@ def _add_client_options(parser: argparse.ArgumentParser, *, timeout: float) -> N
         help="the server's address (default: $QUIVER_URL or http://127.0.0.1:8000)",
     )
     parser.add_argument("--timeout", type=float, default=timeout, help=f"seconds to wait for each response (default: {timeout:g})")
+    parser.add_argument(
+        "--token",
+        default=None,
+        help="the server's QUIVER_API_TOKEN, sent as a bearer token; needed for writes when the server sets one (default: $QUIVER_API_TOKEN)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
 def add_experts_parser(commands: argparse._SubParsersAction) -> None:
     experts = commands.add_parser(
         "experts",
-        help="list, show, add, rm (remove) and export the experts of a running server",
+        help="list, show, add, import, rm (remove) and export the experts of a running server",
         description="Manage the experts of a running Quiver server.",
     )
     actions = experts.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -47,6 +54,13 @@ def add_experts_parser(commands: argparse._SubParsersAction) -> None:
     add.add_argument("--mttl", action="store_true", help="PATH is an MTTL expert checkpoint to convert")
     add.add_argument("--replace", action="store_true", help="swap an existing expert of that name for this one")
 
+    hub_import = action("import", "import a PEFT LoRA adapter from a Hugging Face Hub repo (the server downloads it)", _import)
+    hub_import.add_argument("repo_id", help="the Hub model repo, namespace/name")
+    hub_import.add_argument("--name", required=True, help="the expert's name: 1-64 ASCII letters, digits, '_' or '-'")
+    hub_import.add_argument("--subfolder", help="the adapter's folder inside the repo (default: the repo root)")
+    hub_import.add_argument("--revision", help="a branch, tag or commit sha; a branch is followed by every sync (default: main)")
+    hub_import.add_argument("--replace", action="store_true", help="swap an existing expert of that name for this one")
+
     remove = action("rm", "remove an expert", _remove)
     remove.add_argument("name", help="the expert's name")
 
@@ -59,7 +73,22 @@ def add_experts_parser(commands: argparse._SubParsersAction) -> None:
 def _client(args: argparse.Namespace):
     from quiver.client import Client
 
-    return Client(base_url=args.url, timeout=args.timeout)
+    return Client(base_url=args.url, timeout=args.timeout, token=args.token)
+
+
+def _upload_bar(args: argparse.Namespace, label: str):
+    """A progress callback that draws a bar on stderr, or None with --json."""
+    if args.json:
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(desc=label, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False)
+
+    def update(sent: int, total: int) -> None:
+        bar.total = total
+        bar.update(sent - bar.n)
+
+    return update, bar
 
 
 def _print_expert(expert, as_json: bool) -> None:
@@ -96,11 +125,26 @@ def _add(args: argparse.Namespace) -> int:
         if args.mttl:
             expert = client.import_mttl(args.path, args.name, args.task, args.description, replace=args.replace)
         else:
-            expert = client.upload_expert(args.path, args.name, args.task, args.description, replace=args.replace)
+            progress, bar = _upload_bar(args, f"uploading {args.name}")
+            try:
+                expert = client.upload_expert(args.path, args.name, args.task, args.description, replace=args.replace, progress=progress)
+            finally:
+                if bar is not None:
+                    bar.close()
     if args.json:
         _print_expert(expert, True)
     else:
         print(f"{'replaced' if args.replace else 'added'} expert {expert.name} ({expert.module_count} modules, rank {expert.rank})")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        expert = client.import_from_hub(args.repo_id, args.name, subfolder=args.subfolder, revision=args.revision, replace=args.replace)
+    if args.json:
+        _print_expert(expert, True)
+    else:
+        print(f"imported expert {expert.name} from {expert.source_repo}@{str(expert.source_revision)[:12]} ({expert.module_count} modules, rank {expert.rank})")
     return 0
 
 
@@ -195,4 +239,67 @@ def _sync_status(args: argparse.Namespace) -> int:
         print(f"stale since {hub['stale_since']}: {hub['last_error']}")
     for item in hub["queued"]:
         print(f"queued: {item}")
+    return 0
+
+
+def add_generate_parser(commands: argparse._SubParsersAction) -> None:
+    generate = commands.add_parser(
+        "generate",
+        help="generate text on a running server, streaming tokens to the terminal",
+        description="Generate a continuation of PROMPT on a running Quiver server. Tokens are printed as they "
+        "arrive; the routing weights follow on stderr. With --json, one JSON object with the text and details.",
+    )
+    generate.add_argument("prompt", help="the prompt text; '-' reads it from stdin")
+    _add_client_options(generate, timeout=600.0)
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens to generate (default: 64)")
+    generate.add_argument("--temperature", type=float, help="sampling temperature, at least 0.01; setting it turns sampling on (default: greedy decoding)")
+    generate.add_argument("--top-p", type=float, help="nucleus sampling mass, in (0, 1] (default: off)")
+    generate.add_argument("--top-k", type=int, help="sample from the k most likely tokens (default: off)")
+    generate.add_argument("--seed", type=int, help="sampling seed; the same seed gives the same text (default: random)")
+    generate.add_argument("--stop", action="append", help="stop when the text contains this string; repeat for several")
+    mode = generate.add_mutually_exclusive_group()
+    mode.add_argument("--adapter", help="serve this one expert alone, without routing")
+    mode.add_argument("--experts", help="route only across these experts, comma-separated; '' for the base model alone (default: all)")
+    generate.add_argument("--routing-top-k", type=int, help="experts mixed per token and module (default: the server's)")
+    generate.add_argument("--routing-method", help="arrow, centered, normalized, sequence or hybrid (default: the server's)")
+    generate.set_defaults(handler=_generate)
+
+
+def _generate_parameters(args: argparse.Namespace) -> dict:
+    parameters: dict = {"max_new_tokens": args.max_new_tokens}
+    for option in ("temperature", "top_p", "top_k", "seed", "stop"):
+        if getattr(args, option) is not None:
+            parameters[option] = getattr(args, option)
+    if args.adapter:
+        parameters["adapter_id"] = args.adapter
+    routing: dict = {}
+    if args.experts is not None:
+        routing["experts"] = [name.strip() for name in args.experts.split(",") if name.strip()]
+    if args.routing_top_k is not None:
+        routing["top_k"] = args.routing_top_k
+    if args.routing_method is not None:
+        routing["method"] = args.routing_method
+    if routing:
+        parameters["routing"] = routing
+    return parameters
+
+
+def _generate(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    parameters = _generate_parameters(args)
+    with _client(args) as client:
+        if args.json:
+            print(json.dumps(client.generate(prompt, **parameters).model_dump(), indent=2))
+            return 0
+        last = None
+        for event in client.generate_stream(prompt, **parameters):
+            if not event.token.special:
+                sys.stdout.write(event.token.text)
+                sys.stdout.flush()
+            last = event
+    print()
+    if last is not None and last.details is not None:
+        details = last.details
+        weights = ", ".join(f"{name} {weight:.2f}" for name, weight in sorted(details.routing.items(), key=lambda item: -item[1])) or "none (base model)"
+        print(f"[{details.generated_tokens} tokens, {details.finish_reason}; experts: {weights}]", file=sys.stderr)
     return 0

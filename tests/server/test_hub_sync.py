@@ -404,3 +404,31 @@ def test_offline_mode_serves_local_copy(start, hub, tmp_path, monkeypatch):
     assert status["stale"] is True
     assert "HF_HUB_OFFLINE" in status["last_error"]
     assert hub.state.requests() == []
+
+
+def test_cli_imports_from_the_hub(start, hub, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    hub.state.create_repo("alice/adder")
+    commit = _publish(hub, "alice/adder", _adapter(tmp_path, "v1", 1), "first version")
+    replica = start("first")
+    quiver = str(Path(sys.executable).parent / "quiver")
+    url = str(replica._http.base_url).rstrip("/")
+
+    text = subprocess.run([quiver, "experts", "import", "alice/adder", "--subfolder", "adapter", "--name", "adder", "--url", url], capture_output=True, text=True, timeout=120)
+    as_json = subprocess.run(
+        [quiver, "experts", "import", "alice/adder", "--subfolder", "adapter", "--name", "pinned", "--revision", commit, "--url", url, "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    missing = subprocess.run([quiver, "experts", "import", "alice/ghost", "--name", "ghost", "--url", url], capture_output=True, text=True, timeout=120)
+
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.startswith(f"imported expert adder from alice/adder@{commit[:12]}")
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["source_revision"] == commit
+    assert missing.returncode == 1
+    assert missing.stderr.count("\n") == 1
+    assert "hub_repo_not_found" in missing.stderr
