@@ -7,7 +7,8 @@
         answer = client.generate("Reverse the words: red apple\\nAnswer:", max_new_tokens=16)
         print(answer.generated_text, answer.details.routing)
         for event in client.generate_stream("The capital of France is", max_new_tokens=16):
-            print(event.token.text, end="", flush=True)
+            if not event.token.special:
+                print(event.token.text, end="", flush=True)
 
 :class:`AsyncClient` has the same methods for asyncio. The exception tree is in
 :mod:`quiver.client.errors`.

@@ -300,6 +300,7 @@ def _generate(args: argparse.Namespace) -> int:
     print()
     if last is not None and last.details is not None:
         details = last.details
-        weights = ", ".join(f"{name} {weight:.2f}" for name, weight in sorted(details.routing.items(), key=lambda item: -item[1])) or "none (base model)"
+        ranked = sorted(details.routing.items(), key=lambda item: -item[1])
+        weights = ", ".join(f"{name} {weight:.2f}" for name, weight in ranked if weight >= 0.005) or "none (base model)"
         print(f"[{details.generated_tokens} tokens, {details.finish_reason}; experts: {weights}]", file=sys.stderr)
     return 0

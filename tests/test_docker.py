@@ -262,7 +262,8 @@ def test_env_example_comments_each_setting() -> None:
     for index, line in enumerate(lines):
         if pattern.match(line):
             previous = lines[index - 1]
-            assert previous.startswith("# ") and not pattern.match(previous), f"{line!r} has no comment line above it"
+            assert previous.startswith("# "), f"{line!r} has no comment line above it"
+            assert not pattern.match(previous), f"{line!r} follows another setting instead of its comment"
 
 
 def test_dockerignore_excludes_local_state() -> None:
