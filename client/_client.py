@@ -1,6 +1,6 @@
 """The HTTP clients for a Quiver server: :class:`Client` (blocking) and :class:`AsyncClient` (asyncio).
 
-Both build the same requests and read the same answers; only how they wait differs. Requests
+Both build the same requests and parse the same responses; only how they wait differs. Requests
 refused because the server is overloaded (503 ``overloaded`` or 429) and requests that could not
 connect are retried with exponential backoff, honouring ``Retry-After``.
 """
@@ -120,7 +120,7 @@ def _stream_event(line: str) -> StreamResponse | None:
 
 
 class _Base:
-    """What both clients share: settings, headers, retry delays and error translation."""
+    """The parts both clients share: settings, headers, retry delays and error translation."""
 
     def __init__(self, base_url: str, token: str | None, timeout: float, max_retries: int) -> None:
         if max_retries < 0:

@@ -88,8 +88,8 @@ class UploadTooLargeError(InvalidRequestError):
 class OverloadedError(APIError):
     """503 or 429: the server's queue is full, or the request did not finish within its timeout.
 
-    A full queue (``code == "overloaded"``) and 429 are retried by the clients with backoff; a
-    request that timed out is not, since retrying would most likely time out again.
+    The clients retry a full queue (``code == "overloaded"``) and 429 with backoff. They do not
+    retry a request that timed out, because it would most likely time out again.
     """
 
     @property
@@ -144,7 +144,7 @@ def error_from_response(response: httpx.Response) -> APIError:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    """The ``Retry-After`` header in seconds, or None when it is missing or a date."""
+    """Return the ``Retry-After`` header in seconds, or None when it is missing or a date."""
     try:
         return max(0.0, float(response.headers["Retry-After"]))
     except (KeyError, ValueError):

@@ -19,14 +19,14 @@ GENERATION_PATHS = frozenset({"/", "/generate", "/generate_stream"})
 
 
 def is_write(method: str, path: str) -> bool:
-    """Whether a request changes the library, so that it needs the token whenever one is set."""
+    """Return whether a request changes the library, so that it needs the token whenever one is set."""
     if method not in WRITE_METHODS:
         return False
     return path not in GENERATION_PATHS and not path.startswith("/v1/")
 
 
 class BearerTokenMiddleware:
-    """Answer 401 to requests that need the token and lack it."""
+    """Reject with 401 the requests that need the token and lack it."""
 
     def __init__(self, app: ASGIApp, *, token: str, protect_reads: bool) -> None:
         self.app = app

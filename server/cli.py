@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=0, help="TCP port for the demo server (default: a free port)")
     demo.add_argument("--serve", action="store_true", help="keep serving the demo library after the demo, until Ctrl-C")
     demo.add_argument("--retrain", action="store_true", help="train the demo experts again even if cached")
-    demo.add_argument("--json", action="store_true", help="print the answers as JSON on stdout, the commentary on stderr")
+    demo.add_argument("--json", action="store_true", help="print the generated answers as JSON on stdout, and the progress messages on stderr")
     _add_settings_flags(demo, library=False)
     demo.set_defaults(handler=_demo)
 

@@ -251,7 +251,7 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
     )
     generate.add_argument("prompt", help="the prompt text; '-' reads it from stdin")
     _add_client_options(generate, timeout=600.0)
-    generate.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens to generate (default: 64)")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="maximum number of tokens to generate (default: 64)")
     generate.add_argument("--temperature", type=float, help="sampling temperature, at least 0.01; setting it turns sampling on (default: greedy decoding)")
     generate.add_argument("--top-p", type=float, help="nucleus sampling mass, in (0, 1] (default: off)")
     generate.add_argument("--top-k", type=int, help="sample from the k most likely tokens (default: off)")
