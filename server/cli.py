@@ -163,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         for handler in logging.getLogger().handlers:
             handler.setFormatter(_JsonLogFormatter())
     if not args.verbose:
-        # httpx logs every request at INFO, which would bury the client commands' own output.
+        # httpx logs every request at INFO, and the client each retry, which would bury the
+        # commands' own output; the error line says what finally failed.
         logging.getLogger("httpx").setLevel(logging.WARNING)
+        logging.getLogger("quiver.client").setLevel(logging.WARNING)
     try:
         return args.handler(args)
     except KeyboardInterrupt:

@@ -77,8 +77,8 @@ def _client(args: argparse.Namespace):
 
 
 def _upload_bar(args: argparse.Namespace, label: str):
-    """A progress callback that draws a bar on stderr, or None with --json."""
-    if args.json:
+    """Return a progress callback that draws a bar on stderr and the bar, or None twice with --json or no terminal."""
+    if args.json or not sys.stderr.isatty():
         return None, None
     from tqdm import tqdm
 

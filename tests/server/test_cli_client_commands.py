@@ -69,20 +69,51 @@ def test_generate_error_is_one_line(server):
     assert result.stderr.startswith("quiver: error: 404 expert_not_found: expert 'ghost' not found")
 
 
+def _quiver_on_terminal(*args: str) -> tuple[int, str, str]:
+    """Run the CLI with stderr on a 100-column pseudo-terminal, as in a shell, and return (status, stdout, stderr)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import tempfile
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    env = {key: value for key, value in os.environ.items() if key != "QUIVER_API_TOKEN"}
+    with tempfile.TemporaryFile(mode="w+") as stdout:
+        process = subprocess.Popen([QUIVER, *args], stdout=stdout, stderr=follower, env=env)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the process closed its end of the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(leader)
+        process.wait(timeout=120)
+        stdout.seek(0)
+        return process.returncode, stdout.read(), b"".join(chunks).decode(errors="replace")
+
+
 def test_add_needs_the_token_and_shows_progress(server, tmp_path):
     url, _ = server
     adapter = make_adapter(tiny_llama(), tmp_path / "two", seed=2)
 
     refused = _quiver("experts", "add", str(adapter), "--name", "two", "--url", url)
-    added = _quiver("experts", "add", str(adapter), "--name", "two", "--url", url, "--token", TOKEN)
+    status, stdout, stderr = _quiver_on_terminal("experts", "add", str(adapter), "--name", "two", "--url", url, "--token", TOKEN)
     listed = _quiver("experts", "list", "--url", url, "--json")
     removed = _quiver("experts", "rm", "two", "--url", url, "--token", TOKEN, "--json")
 
     assert refused.returncode == 1
     assert "401 unauthorized: missing bearer token" in refused.stderr
-    assert added.returncode == 0, added.stderr
-    assert added.stdout.startswith("added expert two")
-    assert "uploading two" in added.stderr
+    assert refused.stderr.count("\n") == 1, "a progress bar was drawn on a stderr that is not a terminal"
+    assert status == 0, stderr
+    assert stdout.startswith("added expert two")
+    assert "uploading two" in stderr
     assert [expert["name"] for expert in json.loads(listed.stdout)] == ["one", "two"]
     assert json.loads(removed.stdout) == {"removed": "two"}
 
