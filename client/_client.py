@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
+from pydantic import ValidationError
 
-from .errors import APIError, OverloadedError, QuiverClientError, TransportError, error_from_response
+from .errors import APIError, InvalidRequestError, OverloadedError, QuiverClientError, TransportError, error_from_response
 from .models import Expert, ExpertList, GenerateRequest, GenerateResponse, Health, StreamResponse
 
 logger = logging.getLogger(__name__)
@@ -82,8 +83,17 @@ def _form(name: str, task: str | None, description: str | None, replace: bool) -
 
 
 def _generate_body(inputs: str, parameters: dict[str, Any]) -> dict[str, Any]:
-    """Check the parameters locally, so that a misspelt one fails before any request is sent."""
-    return GenerateRequest(inputs=inputs, parameters=parameters).model_dump(exclude_none=True, exclude_defaults=True) | {"inputs": inputs}
+    """Check the parameters locally, so that a misspelt one fails before any request is sent.
+
+    Raises:
+        InvalidRequestError: a parameter is unknown or out of range, as the server would answer with 422.
+    """
+    try:
+        request = GenerateRequest(inputs=inputs, parameters=parameters)
+    except ValidationError as error:
+        problems = [f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']} (got {item.get('input')!r})" for item in error.errors()]
+        raise InvalidRequestError(422, "invalid_request", "invalid request: " + "; ".join(problems), problems) from None
+    return request.model_dump(exclude_none=True, exclude_defaults=True) | {"inputs": inputs}
 
 
 def _extract_export(name: str, archive: IO[bytes], directory: Path) -> Path:
@@ -125,6 +135,10 @@ class _Base:
     def __init__(self, base_url: str, token: str | None, timeout: float, max_retries: int) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries is {max_retries}; expected 0 or more")
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url is {base_url!r}; expected an address starting with http:// or https://, such as {DEFAULT_BASE_URL}")
+        if not timeout > 0:
+            raise ValueError(f"timeout is {timeout!r}; expected a positive number of seconds")
         self.base_url = base_url
         self.max_retries = max_retries
         token = token if token is not None else os.environ.get(TOKEN_VARIABLE) or None

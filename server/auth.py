@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/hub/webhook"})
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -51,6 +54,7 @@ class BearerTokenMiddleware:
 
     async def _reject(self, scope: Scope, send: Send, problem: str) -> None:
         request_id = scope.get("state", {}).get("request_id", "-")
+        logger.info("rejected request_id=%s %s %s status=401: %s bearer token", request_id, scope["method"], scope["path"], problem)
         detail = (
             f"{problem} bearer token: this server requires 'Authorization: Bearer <token>' for "
             f"{scope['method']} {scope['path']}; pass the server's QUIVER_API_TOKEN (token= in the client, --token or QUIVER_API_TOKEN in the CLI)"

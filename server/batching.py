@@ -465,10 +465,8 @@ class Batcher:
             self.observer.first_token(job, now - job.submitted)
         job.output_ids.append(token)
         special = token in self._special_ids
-        text = ""
-        if special:
-            text = self.tokenizer.convert_ids_to_tokens(token)
-        else:
+        text = ""  # a special token (end of sequence) adds nothing to the text, so its text is empty
+        if not special:
             decoded = self.tokenizer.decode(job.output_ids, skip_special_tokens=True)
             # An incomplete multi-byte character decodes as U+FFFD; wait for the next token.
             if not decoded.endswith("\ufffd"):

@@ -73,9 +73,22 @@ def _serve(args: argparse.Namespace) -> int:
     from .app import create_app
 
     settings = _settings_from(args)
+    _check_port_free(settings.host, settings.port)
     # With --json, uvicorn keeps the root logger's JSON handler instead of installing its own.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", log_config=None if args.json else uvicorn.config.LOGGING_CONFIG)
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Raise before the model loads when the address is taken, rather than after a minute of loading."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise OSError(f"cannot listen on {host}:{port} ({error.strerror}); choose another --port (QUIVER_PORT) or stop the process using it") from None
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -112,7 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the HTTP server", description="Run the Quiver HTTP server.")
+    serve = commands.add_parser(
+        "serve",
+        help="run the HTTP server",
+        description="Run the Quiver HTTP server.",
+        epilog="Secrets have no flag, so that they stay out of the process list; set them in the environment: "
+        "QUIVER_API_TOKEN (bearer token for writes, at least 16 characters), QUIVER_API_TOKEN_READS=1 (reads need it too), "
+        "QUIVER_WEBHOOK_SECRET (for POST /hub/webhook) and HF_TOKEN (for the Hub).",
+    )
     serve.add_argument("--host", help="address to listen on (default: 127.0.0.1; QUIVER_HOST)")
     serve.add_argument("--port", type=int, help="TCP port to listen on (default: 8000; QUIVER_PORT)")
     serve.add_argument("--json", action="store_true", help="write the log as one JSON object per line")
@@ -171,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`quiver experts list | head -1`); point stdout at nothing so that
+        # Python's final flush does not fail too.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as error:  # noqa: BLE001 - the CLI prints one line instead of a traceback.
         from quiver.client import QuiverClientError
 
@@ -178,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         # the module avoids importing the library (and torch) for commands that never load it.
         ours = type(error).__module__.startswith("quiver.")
         if ours or isinstance(error, (QuiverClientError, ValueError, OSError)):
-            print(f"quiver: error: {error}", file=sys.stderr)
+            # Some messages list problems on separate lines; the CLI keeps its error to one line.
+            lines = [line.strip().lstrip("-• ").strip() for line in str(error).splitlines() if line.strip()]
+            print(f"quiver: error: {'; '.join(lines)}", file=sys.stderr)
             return 1
         raise
 

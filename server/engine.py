@@ -49,6 +49,19 @@ class RequestTooLargeError(ValueError):
     """A prompt or ``max_new_tokens`` beyond the server's limits."""
 
 
+class ModelNotFoundError(KeyError):
+    """An OpenAI ``model`` that is neither the routed library nor an expert."""
+
+    def __init__(self, model: str, experts: list[str]) -> None:
+        self.message = (
+            f"model {model!r} not found; use 'quiver' to route across the library, or one expert's name: {', '.join(experts) or 'none yet'}"
+        )
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class ChatTemplateMissingError(ValueError):
     """A chat request to a model whose tokenizer has no chat template."""
 

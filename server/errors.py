@@ -10,6 +10,7 @@ Library errors map to their HTTP status here, in one place, so routes simply rai
 exception                             status  code
 ====================================  ======  ===================
 ExpertNotFoundError                   404     expert_not_found
+ModelNotFoundError                    404     model_not_found (an OpenAI model name)
 ExpertExistsError                     409     expert_exists
 InvalidExpertError                    422     invalid_expert
 InvalidRoutingError, request schema   422     invalid_request
@@ -38,7 +39,7 @@ from quiver.library import ExpertExistsError, ExpertNotFoundError, InvalidExpert
 from quiver.library.hub import HubError
 
 from .batching import GenerationCancelledError, QueueFullError, RequestTimeoutError
-from .engine import ChatTemplateMissingError, RequestTooLargeError
+from .engine import ChatTemplateMissingError, ModelNotFoundError, RequestTooLargeError
 from .limits import BODY_TOO_LARGE
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ def error_response(
     request: Request, status: int, code: str, detail: str, problems: list[str] | None = None, retry_after: int | None = None
 ) -> JSONResponse:
     request_id = getattr(request.state, "request_id", "-")
+    if status < 500:
+        logger.info("rejected request_id=%s %s %s status=%d code=%s: %s", request_id, request.method, request.url.path, status, code, detail.splitlines()[0])
     headers = {"X-Request-ID": request_id}
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
@@ -105,6 +108,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def hub_failed(request: Request, error: HubError) -> JSONResponse:
         retry_after = None if error.retry_after is None else int(error.retry_after + 0.999)
         return error_response(request, error.status, error.code, str(error), retry_after=retry_after)
+
+    @app.exception_handler(ModelNotFoundError)
+    async def model_not_found(request: Request, error: ModelNotFoundError) -> JSONResponse:
+        return error_response(request, 404, "model_not_found", str(error))
 
     @app.exception_handler(ExpertNotFoundError)
     async def not_found(request: Request, error: ExpertNotFoundError) -> JSONResponse:
@@ -154,7 +161,10 @@ def install_error_handlers(app: FastAPI) -> None:
         if BODY_TOO_LARGE in request.scope:
             return error_response(request, 413, "upload_too_large", request.scope[BODY_TOO_LARGE])
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return error_response(request, error.status_code, code, str(error.detail))
+        detail = str(error.detail)
+        if error.status_code in (404, 405):
+            detail = f"no route {request.method} {request.url.path}; check the server URL and the path (every route is listed at /docs)"
+        return error_response(request, error.status_code, code, detail)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:

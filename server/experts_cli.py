@@ -122,6 +122,7 @@ def _show(args: argparse.Namespace) -> int:
 
 def _add(args: argparse.Namespace) -> int:
     with _client(args) as client:
+        existed = args.replace and args.name in {expert.name for expert in client.list_experts()}
         if args.mttl:
             expert = client.import_mttl(args.path, args.name, args.task, args.description, replace=args.replace)
         else:
@@ -134,7 +135,7 @@ def _add(args: argparse.Namespace) -> int:
     if args.json:
         _print_expert(expert, True)
     else:
-        print(f"{'replaced' if args.replace else 'added'} expert {expert.name} ({expert.module_count} modules, rank {expert.rank})")
+        print(f"{'replaced' if existed else 'added'} expert {expert.name} ({expert.module_count} modules, rank {expert.rank})")
     return 0
 
 
@@ -302,5 +303,6 @@ def _generate(args: argparse.Namespace) -> int:
         details = last.details
         ranked = sorted(details.routing.items(), key=lambda item: -item[1])
         weights = ", ".join(f"{name} {weight:.2f}" for name, weight in ranked if weight >= 0.005) or "none (base model)"
-        print(f"[{details.generated_tokens} tokens, {details.finish_reason}; experts: {weights}]", file=sys.stderr)
+        tokens = f"{details.generated_tokens} token{'' if details.generated_tokens == 1 else 's'}"
+        print(f"[{tokens}, {details.finish_reason}; experts: {weights}]", file=sys.stderr)
     return 0

@@ -21,11 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from quiver.client.models import GenerateParameters, RoutingParameters
-from quiver.library import ExpertNotFoundError
 
 from ..batching import Failed, Finished, Job, TokenEvent
 from ..deps import EngineDep
-from ..engine import ChatTemplateMissingError, Engine, RequestTooLargeError
+from ..engine import ChatTemplateMissingError, Engine, ModelNotFoundError, RequestTooLargeError
 from ..errors import stream_error_payload
 from .generate import SSE_HEADERS, collect, first_event, log_request, sse
 
@@ -145,7 +144,7 @@ def _parameters(engine: Engine, body: _OpenAIRequest, max_tokens: int | None) ->
     adapter_id = None
     if body.model not in (None, "", ROUTED_MODEL):
         if body.model not in engine.library.names():
-            raise ExpertNotFoundError(body.model, [ROUTED_MODEL, *engine.library.names()])
+            raise ModelNotFoundError(body.model, engine.library.names())
         adapter_id = body.model
     temperature = 1.0 if body.temperature is None else body.temperature
     sampling = temperature > 0

@@ -113,8 +113,21 @@ def test_upload_checks_folder(tmp_path):
 
 def test_generate_rejects_unknown_parameter():
     with Client(base_url="http://quiver.test") as client:
-        with pytest.raises(ValueError, match="max_tokens"):
+        with pytest.raises(InvalidRequestError, match=r"invalid request: parameters.max_tokens: Extra inputs are not permitted \(got 5\)") as raised:
             client.generate("hello", max_tokens=5)
+
+    assert raised.value.status_code == 422
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"base_url": "127.0.0.1:8000"}, "expected an address starting with http://"), ({"timeout": 0}, "timeout is 0; expected a positive number")],
+    ids=["no-scheme", "zero-timeout"],
+)
+def test_bad_client_options_are_rejected(options, message):
+    with pytest.raises(ValueError, match=message):
+        Client(**options)
 
 
 def _overloaded_then_ok(failures: int, calls: list, retry_after: str = "0"):

@@ -128,3 +128,26 @@ def test_every_command_has_help_with_json(command):
 
     assert result.returncode == 0
     assert "--json" in result.stdout
+
+
+def test_serve_on_a_busy_port_fails_before_loading():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _quiver("serve", "--port", str(port))
+
+    assert result.returncode == 1
+    assert result.stderr == f"quiver: error: cannot listen on 127.0.0.1:{port} (Address already in use); choose another --port (QUIVER_PORT) or stop the process using it\n"
+
+
+def test_unknown_route_names_the_path(server):
+    import httpx
+
+    url, _ = server
+    response = httpx.post(f"{url}/v1/generate", json={}, timeout=30)
+
+    assert response.status_code == 404
+    assert "no route POST /v1/generate" in response.json()["error"]["message"]
