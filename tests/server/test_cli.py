@@ -52,3 +52,21 @@ def test_eval_zero_count_fails(tmp_path):
 
     assert result.returncode == 1
     assert "--count is 0" in result.stderr
+
+
+def test_train_json_reports_the_adapter(tmp_path):
+    import json
+
+    from tests.factories import tiny_llama, tiny_tokenizer
+
+    model_dir = tmp_path / "tiny-llama"
+    tiny_llama().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+
+    result = _run("train", "reverse", "--steps", "2", "--base-model", str(model_dir), "--output", str(tmp_path / "out"), "--json")
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["skill"] == "reverse"
+    assert report["steps"] == 2
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
