@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         ours = type(error).__module__.startswith("quiver.")
         if ours or isinstance(error, (QuiverClientError, ValueError, OSError)):
             # Some messages list problems on separate lines; the CLI keeps its error to one line.
-            lines = [line.strip().lstrip("-• ").strip() for line in str(error).splitlines() if line.strip()]
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            lines = [line[2:] if line.startswith(("- ", "• ")) else line for line in lines]
             print(f"quiver: error: {'; '.join(lines)}", file=sys.stderr)
             return 1
         raise

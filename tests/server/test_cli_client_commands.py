@@ -151,3 +151,20 @@ def test_unknown_route_names_the_path(server):
 
     assert response.status_code == 404
     assert "no route POST /v1/generate" in response.json()["error"]["message"]
+
+
+def test_invalid_expert_error_stays_on_one_line(server, tmp_path):
+    import torch
+
+    from tests.factories import edit_weights
+
+    url, _ = server
+    adapter = make_adapter(tiny_llama(), tmp_path / "broken", seed=3)
+    edit_weights(adapter, lambda tensors: tensors.update({key: torch.full_like(value, float("nan")) for key, value in tensors.items()}))
+
+    result = _quiver("experts", "add", str(adapter), "--name", "broken", "--url", url, "--token", TOKEN)
+
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("quiver: error: 422 invalid_expert:")
+    assert "; " in result.stderr
