@@ -440,6 +440,17 @@ class AsyncClient(_Base):
         """Swap expert ``name`` for the adapter in folder ``path`` in one step."""
         return await self.upload_expert(path, name, task, description, replace=True)
 
+    async def import_mttl(
+        self, checkpoint: str | os.PathLike[str], name: str, task: str | None = None, description: str | None = None, *, replace: bool = False
+    ) -> Expert:
+        """Upload an MTTL expert checkpoint file; the server converts it to a PEFT LoRA adapter."""
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"{checkpoint} is not a file; pass the path of an MTTL expert checkpoint")
+        with open(checkpoint, "rb") as stream:
+            files = {"mttl_checkpoint": (checkpoint.name, stream, "application/octet-stream")}
+            return Expert.model_validate(await self._request("POST", "/experts", data=_form(name, task, description, replace), files=files))
+
     async def import_from_hub(
         self, repo_id: str, name: str, *, subfolder: str | None = None, revision: str | None = None, replace: bool = False
     ) -> Expert:

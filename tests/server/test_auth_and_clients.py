@@ -118,14 +118,18 @@ def test_async_client_covers_the_routes(start, adapter, tmp_path):
             answer = await client.generate("hello", max_new_tokens=4, routing={"experts": ["one"]})
             streamed = [event async for event in client.generate_stream("hello", max_new_tokens=4, routing={"experts": ["one"]})]
             exported = await client.export_expert("one", tmp_path / "exported")
+            converted = await client.import_mttl(checkpoint, name="adder")
             status = await client.library_status()
             await client.delete_expert("one")
             with pytest.raises(NotFoundError):
                 await client.get_expert("one")
-            return health, created, listed, fetched, answer, streamed, exported, status
+            return health, created, listed, fetched, answer, streamed, exported, status, converted
 
+    from tests.library.test_mttl import _mttl_checkpoint
+
+    checkpoint = _mttl_checkpoint(adapter, tmp_path / "expert.ckpt")
     with start() as url:
-        health, created, listed, fetched, answer, streamed, exported, status = asyncio.run(scenario(url))
+        health, created, listed, fetched, answer, streamed, exported, status, converted = asyncio.run(scenario(url))
 
     assert health.status == "ok"
     assert created == fetched
@@ -133,3 +137,4 @@ def test_async_client_covers_the_routes(start, adapter, tmp_path):
     assert streamed[-1].generated_text == answer.generated_text
     assert (exported / "adapter_model.safetensors").is_file()
     assert status["revision"] >= 1
+    assert converted.task == "add two numbers"
