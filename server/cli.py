@@ -100,6 +100,14 @@ def _train(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if not args.verbose:
+        # The demo narrates what it does; the server's INFO lines and the weight-loading bar would
+        # interleave with that narration (-v brings them back).
+        logging.getLogger("quiver").setLevel(logging.WARNING)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
     if not args.json:
         return run_demo(_settings_from(args), port=args.port, serve=args.serve, retrain=args.retrain)
     results: list[dict] = []
