@@ -190,7 +190,14 @@ class ExpertLibrary:
         )
 
     def list(self) -> list[ExpertInfo]:
-        return [self.get(name) for name in self.names()]
+        """Return the metadata of every expert, skipping one removed between the folder scan and its read."""
+        infos = []
+        for name in self.names():
+            try:
+                infos.append(self.get(name))
+            except ExpertNotFoundError:  # deleted meanwhile, by a request or a Hub pull
+                continue
+        return infos
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and EXPERT_NAME_PATTERN.match(name) is not None and (self.root / name / EXPERT_FILE).is_file()
@@ -206,6 +213,8 @@ class ExpertLibrary:
         path = self._expert_path(name) / EXPERT_FILE
         try:
             return ExpertInfo.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:  # removed after the existence check
+            raise ExpertNotFoundError(name, self.names()) from None
         except (json.JSONDecodeError, TypeError) as error:
             raise LibraryFormatError(f"cannot read {path}: {error}") from error
 

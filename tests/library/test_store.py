@@ -351,3 +351,14 @@ def test_target_without_weights_reads_without_model(library, adapter):
 
     assert not any("down_proj" in module for module in loaded.modules)
     assert len(loaded.modules) == 4
+
+
+def test_list_skips_expert_removed_while_listing(library, adapter, monkeypatch):
+    library.add("kept", adapter)
+    library.add("gone", adapter)
+    scanned = library.names()
+    library.remove("gone")
+    # The folder scan saw both experts; the removal lands before their metadata is read.
+    monkeypatch.setattr(type(library), "names", lambda self: scanned)
+
+    assert [info.name for info in library.list()] == ["kept"]
