@@ -26,9 +26,7 @@ import copy
 import gc
 import hashlib
 import math
-import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -48,7 +46,7 @@ from peft.tuners.lora.arrow import ArrowLoraLinearLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from report_file import write_section
+from report_file import available_cores, cpu_model, exact_command, write_section
 
 from quiver.library import (
     DEFAULT_MODEL_NAME,
@@ -98,36 +96,6 @@ TARGET_PEFT_SPEEDUP = {"prompt": {64: 8.0, 256: 40.0}, "decode": {64: 3.0, 256: 
 
 # --------------------------------------------------------------------------------------------
 # Machine and run description
-
-
-def cpu_model() -> str:
-    """Return the first ``model name`` of /proc/cpuinfo, or the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def available_cores() -> int:
-    """Return the CPU cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def exact_command() -> str:
-    """Return the command line of this run, with paths inside the repository made relative."""
-
-    def shown(path: str) -> str:
-        absolute = Path(path).absolute()
-        if absolute.is_relative_to(REPOSITORY):
-            return str(absolute.relative_to(REPOSITORY))
-        return path
-
-    return shlex.join([shown(sys.executable), shown(sys.argv[0]), *sys.argv[1:]])
 
 
 def quiver_revision() -> str:

@@ -43,9 +43,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import platform
-import shlex
 import socket
 import subprocess
 import sys
@@ -64,7 +62,7 @@ import torch
 import transformers
 import uvicorn
 from peft import LoraConfig, get_peft_model
-from report_file import write_section
+from report_file import available_cores, cpu_model, exact_command, write_section
 
 from quiver.client import Client
 from quiver.library import load_base_model
@@ -109,36 +107,6 @@ logger = logging.getLogger("bench.serving")
 
 # --------------------------------------------------------------------------------------------
 # Machine and run description
-
-
-def cpu_model() -> str:
-    """Return the first ``model name`` of /proc/cpuinfo, or the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def available_cores() -> int:
-    """Return the CPU cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def exact_command() -> str:
-    """Return the command line of this run, with paths inside the repository made relative."""
-
-    def shown(path: str) -> str:
-        absolute = Path(path).absolute()
-        if absolute.is_relative_to(REPOSITORY):
-            return str(absolute.relative_to(REPOSITORY))
-        return path
-
-    return shlex.join([shown(sys.executable), shown(sys.argv[0]), *sys.argv[1:]])
 
 
 def quiver_revision() -> str:
