@@ -71,6 +71,19 @@ def _adapter_files(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     return folder / _CONFIG_FILE, weights
 
 
+def _adapter_parts(files: ExitStack, path: str | os.PathLike[str], progress: Progress | None) -> dict[str, tuple]:
+    """Open the adapter folder's files in ``files`` and return them as the multipart parts of an upload."""
+    config, weights = _adapter_files(path)
+    config_stream = files.enter_context(open(config, "rb"))
+    weights_stream: Any = files.enter_context(open(weights, "rb"))
+    if progress is not None:
+        weights_stream = _ProgressReader(weights_stream, progress)
+    return {
+        "adapter_config": (_CONFIG_FILE, config_stream, "application/json"),
+        "adapter_model": (weights.name, weights_stream, "application/octet-stream"),
+    }
+
+
 def _form(name: str, task: str | None, description: str | None, replace: bool) -> dict[str, str]:
     data = {"name": name}
     if task is not None:
@@ -156,6 +169,16 @@ class _Base:
             return None
         return min(0.5 * 2**attempt, MAX_BACKOFF_SECONDS) * random.uniform(0.8, 1.2)
 
+    def _delay_or_raise(self, attempt: int, method: str, path: str, error: Exception) -> float:
+        """Return the seconds to wait before retrying after ``error``, or raise it (a transport error as :class:`TransportError`)."""
+        delay = self._retry_delay(attempt, error)
+        if delay is not None:
+            logger.info("%s %s: %s; retrying in %.1f s", method, path, error, delay)
+            return delay
+        if isinstance(error, httpx.HTTPError):
+            raise self._transport_error(method, path, error) from error
+        raise error
+
     def _transport_error(self, method: str, path: str, error: httpx.HTTPError) -> TransportError:
         if isinstance(error, httpx.TimeoutException):
             return TransportError(f"{method} {path} timed out: {error}; raise the client's timeout or check the server")
@@ -237,16 +260,8 @@ class Client(_Base):
         this one; otherwise an existing name raises :class:`ConflictError`. ``progress`` is called
         with (bytes sent, total bytes) as the weights are sent.
         """
-        config, weights = _adapter_files(path)
         with ExitStack() as files:
-            config_stream = files.enter_context(open(config, "rb"))
-            weights_stream: Any = files.enter_context(open(weights, "rb"))
-            if progress is not None:
-                weights_stream = _ProgressReader(weights_stream, progress)
-            parts = {
-                "adapter_config": (_CONFIG_FILE, config_stream, "application/json"),
-                "adapter_model": (weights.name, weights_stream, "application/octet-stream"),
-            }
+            parts = _adapter_parts(files, path, progress)
             body = self._request("POST", "/experts", data=_form(name, task, description, replace), files=parts)
         return Expert.model_validate(body)
 
@@ -328,12 +343,7 @@ class Client(_Base):
                             yield event
                 return
             except (APIError, httpx.ConnectError) as error:
-                delay = self._retry_delay(attempt, error)
-                if delay is None:
-                    if isinstance(error, httpx.HTTPError):
-                        raise self._transport_error("POST", "/generate_stream", error) from error
-                    raise
-                time.sleep(delay)
+                time.sleep(self._delay_or_raise(attempt, "POST", "/generate_stream", error))
             except httpx.HTTPError as error:
                 raise self._transport_error("POST", "/generate_stream", error) from error
 
@@ -360,12 +370,7 @@ class Client(_Base):
                 error: Exception = error_from_response(response)
             except httpx.HTTPError as transport_error:
                 error = transport_error
-            delay = self._retry_delay(attempt, error)
-            if delay is None:
-                if isinstance(error, httpx.HTTPError):
-                    raise self._transport_error(method, path, error) from error
-                raise error
-            logger.info("%s %s: %s; retrying in %.1f s", method, path, error, delay)
+            delay = self._delay_or_raise(attempt, method, path, error)
             _rewind(kwargs)
             time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover - the last attempt always raises or returns
@@ -423,16 +428,8 @@ class AsyncClient(_Base):
         progress: Progress | None = None,
     ) -> Expert:
         """Upload the PEFT LoRA adapter in folder ``path`` as expert ``name`` (see :meth:`Client.upload_expert`)."""
-        config, weights = _adapter_files(path)
         with ExitStack() as files:
-            config_stream = files.enter_context(open(config, "rb"))
-            weights_stream: Any = files.enter_context(open(weights, "rb"))
-            if progress is not None:
-                weights_stream = _ProgressReader(weights_stream, progress)
-            parts = {
-                "adapter_config": (_CONFIG_FILE, config_stream, "application/json"),
-                "adapter_model": (weights.name, weights_stream, "application/octet-stream"),
-            }
+            parts = _adapter_parts(files, path, progress)
             body = await self._request("POST", "/experts", data=_form(name, task, description, replace), files=parts)
         return Expert.model_validate(body)
 
@@ -504,12 +501,7 @@ class AsyncClient(_Base):
                             yield event
                 return
             except (APIError, httpx.ConnectError) as error:
-                delay = self._retry_delay(attempt, error)
-                if delay is None:
-                    if isinstance(error, httpx.HTTPError):
-                        raise self._transport_error("POST", "/generate_stream", error) from error
-                    raise
-                await asyncio.sleep(delay)
+                await asyncio.sleep(self._delay_or_raise(attempt, "POST", "/generate_stream", error))
             except httpx.HTTPError as error:
                 raise self._transport_error("POST", "/generate_stream", error) from error
 
@@ -523,12 +515,7 @@ class AsyncClient(_Base):
                 error: Exception = error_from_response(response)
             except httpx.HTTPError as transport_error:
                 error = transport_error
-            delay = self._retry_delay(attempt, error)
-            if delay is None:
-                if isinstance(error, httpx.HTTPError):
-                    raise self._transport_error(method, path, error) from error
-                raise error
-            logger.info("%s %s: %s; retrying in %.1f s", method, path, error, delay)
+            delay = self._delay_or_raise(attempt, method, path, error)
             _rewind(kwargs)
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover - the last attempt always raises or returns
