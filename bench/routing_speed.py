@@ -845,7 +845,7 @@ def write_markdown(report: Report, path: Path) -> None:
             *markdown_table(["operator", "self ms", "calls"], [[f"`{name}`", f"{ms:.1f}", str(calls)] for name, ms, calls in operators], align="lrr"),
             "",
         ]
-    # The page holds other benchmarks too, so this report is one section, its headings one level down.
+    # The page contains other benchmarks too, so this report is one section, its headings one level down.
     write_section(path, "routing_speed", [f"#{line}" if line.startswith("#") else line for line in lines])
 
 

@@ -99,7 +99,7 @@ def _generate_body(inputs: str, parameters: dict[str, Any]) -> dict[str, Any]:
     """Check the parameters locally, so that a misspelt one fails before any request is sent.
 
     Raises:
-        InvalidRequestError: a parameter is unknown or out of range, as the server would answer with 422.
+        InvalidRequestError: a parameter is unknown or out of range, for which the server would return 422.
     """
     try:
         request = GenerateRequest(inputs=inputs, parameters=parameters)

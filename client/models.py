@@ -71,7 +71,7 @@ class MergedAdapters(_Strict):
 
 
 MAX_STOP_SEQUENCES = 8
-"""The most stop sequences one request may give."""
+"""The maximum number of stop sequences in one request."""
 
 
 class GenerateParameters(_Strict):
@@ -144,7 +144,7 @@ class GenerateParameters(_Strict):
 class GenerateRequest(_Strict):
     inputs: str = Field(..., min_length=1, description="the prompt, as plain text")
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
-    stream: bool = Field(False, description="on POST /, stream the answer as server-sent events like /generate_stream")
+    stream: bool = Field(False, description="on POST /, stream the response as server-sent events like /generate_stream")
 
 
 class Token(BaseModel):

@@ -188,6 +188,7 @@ class RowRecorder:
             groups[key].append(last)
             row_sets[key] = rows
         self._records.clear()
+
         for (names, _), lasts in groups.items():
             for name in names:
                 if name not in self._column:
@@ -204,6 +205,7 @@ class RowRecorder:
             sums.index_put_((row_index[:, None], columns[None, :]), total, accumulate=True)
             seen[row_index[:, None], columns[None, :]] = True
             decisions[row_index] += len(lasts)
+
         result = []
         for row in range(self.batch_size):
             count = float(decisions[row])
@@ -322,7 +324,7 @@ class RoutedLinear(nn.Module):
         return self._scope(experts)[0]
 
     def _scope(self, experts: tuple[str, ...] | None) -> tuple[list[int], torch.Tensor]:
-        """The indices of :meth:`scope` as a list and as a tensor, cached per set of experts because every decode step needs them."""
+        """Return the indices of :meth:`scope` as a list and as a tensor, cached per set of experts because every decode step needs them."""
         cached = self._scopes.get(experts)
         if cached is None:
             if experts is None:

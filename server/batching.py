@@ -8,12 +8,12 @@ the others.
 
 The running requests share one transformers ``DynamicCache``. Prompts are left-padded, so the
 cache of a new group is padded on the left to the batch's length (or the batch's to the
-group's) and concatenated along the batch dimension; leaving rows are removed with the cache's
-``batch_select_indices``, and columns that only padding uses any more are trimmed. Positions are
+group's) and concatenated along the batch dimension. Leaving rows are removed with the cache's
+``batch_select_indices``, and columns that only padding still uses are trimmed. Positions are
 tracked per row, so padding never shifts a request's positions.
 
 Each row keeps its own sampling (transformers logits processors and a seeded generator) and its
-own routing settings; the router applies one settings object per row in the same forward pass,
+own routing settings. The router applies one settings object per row in the same forward pass,
 and a request's prompt-level expert mix (sequence and hybrid routing) travels with its row.
 """
 
@@ -360,7 +360,7 @@ class Batcher:
         with self._cond:
             if not self._waiting or len(self._active) >= self.max_batch_size:
                 return []
-        # Experts change only between batches, so a running request never sees two versions.
+        # Experts change only between batches, so a running request is never served by two versions.
         if self._needs_refresh():
             if self._active:
                 return []

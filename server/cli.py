@@ -30,9 +30,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser, *, library: bool = True
     group.add_argument("--routing-temperature", type=float, help="routing temperature for requests that set none (default: 1.0)")
     group.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens a request may ask for, in tokens (default: 512)")
     group.add_argument("--max-input-tokens", type=int, help="maximum prompt length accepted, in tokens (default: 4096)")
-    group.add_argument("--max-batch-size", type=int, help="most requests generated together in one batch (default: 16)")
-    group.add_argument("--max-queue", type=int, help="most requests waiting for the batch; beyond it requests get 503 (default: 64)")
-    group.add_argument("--max-batch-prefill-tokens", type=int, help="most prompt tokens, padded, run in one prefill pass (default: 4096)")
+    group.add_argument("--max-batch-size", type=int, help="maximum number of requests generated together in one batch (default: 16)")
+    group.add_argument("--max-queue", type=int, help="maximum number of requests waiting for the batch; beyond it requests get 503 (default: 64)")
+    group.add_argument("--max-batch-prefill-tokens", type=int, help="maximum number of prompt tokens, padded, run in one prefill pass (default: 4096)")
     group.add_argument("--request-timeout", type=float, help="seconds a request may take from arrival to last token, queueing included (default: 300)")
     if library:
         group.add_argument("--hub-repo", help="Hub model repo id to keep the library in sync with (default: none; token from HF_TOKEN)")
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=0, help="TCP port for the demo server (default: a free port)")
     demo.add_argument("--serve", action="store_true", help="keep serving the demo library after the demo, until Ctrl-C")
     demo.add_argument("--retrain", action="store_true", help="train the demo experts again even if cached")
-    demo.add_argument("--json", action="store_true", help="print the generated answers as JSON on stdout, and the progress messages on stderr")
+    demo.add_argument("--json", action="store_true", help="print the generated texts as JSON on stdout, and the progress messages on stderr")
     _add_settings_flags(demo, library=False)
     demo.set_defaults(handler=_demo)
 
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             handler.setFormatter(_JsonLogFormatter())
     if not args.verbose:
         # httpx logs every request at INFO, and the client each retry, which would bury the
-        # commands' own output; the error line says what finally failed.
+        # commands' own output. The error line reports what finally failed.
         logging.getLogger("httpx").setLevel(logging.WARNING)
         logging.getLogger("quiver.client").setLevel(logging.WARNING)
     try:

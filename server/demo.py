@@ -90,9 +90,9 @@ def _format_routing(routing: dict[str, float]) -> str:
 
 
 def run_demo(settings: Settings, *, port: int = 0, serve: bool = False, retrain: bool = False, results: list[dict] | None = None) -> int:
-    """Run the demo end to end and print each skill's routed answer; return the exit status.
+    """Run the demo end to end, print each skill's routed output, and return the exit status.
 
-    ``results``, when given, receives one entry per prompt (skill, prompt, answer, correct, routing).
+    ``results``, when given, receives one entry per prompt: skill, prompt, answer, correct and routing.
     """
     import uvicorn
 

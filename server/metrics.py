@@ -33,6 +33,7 @@ class Metrics:
         self.request_seconds = Histogram(
             "quiver_request_duration_seconds", "Time to answer an HTTP request, by route", ["route"], buckets=_LATENCY_BUCKETS, registry=registry
         )
+
         self.time_to_first_token = Histogram(
             "quiver_time_to_first_token_seconds",
             "Time from a generation request's arrival to its first token, queueing included",
@@ -42,6 +43,7 @@ class Metrics:
         self.generation_seconds = Histogram(
             "quiver_generation_duration_seconds", "Time from a generation request's arrival to its last token", buckets=_LATENCY_BUCKETS, registry=registry
         )
+
         self.generated_tokens = Counter("quiver_generated_tokens", "Tokens generated", registry=registry)
         self.prompt_tokens = Counter("quiver_prompt_tokens", "Prompt tokens of finished generations", registry=registry)
         self.generations = Counter(
@@ -53,6 +55,7 @@ class Metrics:
             ["expert"],
             registry=registry,
         )
+
         self.queue_depth = Gauge("quiver_queue_depth", "Requests waiting for a place in the batch", registry=registry)
         self.running = Gauge("quiver_batch_running", "Requests in the running batch", registry=registry)
         self.batch_size = Histogram(

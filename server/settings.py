@@ -41,11 +41,11 @@ class Settings:
     max_input_tokens: int = 4096
     """The maximum prompt length accepted, in tokens."""
     max_batch_size: int = 16
-    """The most requests generated together in one batch; more wait in the queue."""
+    """The maximum number of requests generated together in one batch; more wait in the queue."""
     max_queue: int = 64
-    """The most requests waiting for a place in the batch; beyond it requests get 503 with Retry-After."""
+    """The maximum number of requests waiting for a place in the batch; beyond it requests get 503 with Retry-After."""
     max_batch_prefill_tokens: int = 4096
-    """The most prompt tokens (padded) run together in one prefill pass; a longer prompt still runs alone."""
+    """The maximum number of prompt tokens (padded) run together in one prefill pass; a longer prompt still runs alone."""
     request_timeout: float = 300.0
     """Seconds a request may take from arrival to its last token, waiting included; beyond it the request fails."""
     max_upload_mb: int = 512

@@ -73,7 +73,7 @@ class _OpenAIRequest(BaseModel):
 
 
 class CompletionRequest(_OpenAIRequest):
-    prompt: str | list[str] = Field(..., description="the prompt; a list must hold exactly one string")
+    prompt: str | list[str] = Field(..., description="the prompt; a list must contain exactly one string")
     max_tokens: int | None = Field(16, ge=1, description="maximum number of tokens to generate; null for the server's limit")
     echo: bool = Field(False, description="only false is supported")
     logprobs: int | None = Field(None, description="not supported; must be null or 0")

@@ -55,7 +55,7 @@ def test_upload_generate_delete(adapters, tmp_path):
 
 
 def test_concurrent_requests_match_transformers_generate(adapters, tmp_path):
-    """Requests of different lengths and settings, generated together, each equal their solo answer."""
+    """Requests of different lengths and settings, generated together, each match their solo output."""
     import threading
 
     import openai
