@@ -92,7 +92,7 @@ def test_bad_token_settings_are_rejected(variables, message):
         Settings.from_env(variables)
 
 
-def test_client_streams_tokens_and_reports_upload_progress(start, adapter):
+def test_client_streams_and_reports_progress(start, adapter):
     progress: list[tuple[int, int]] = []
     with start() as url, Client(base_url=url) as client:
         client.upload_expert(adapter, name="one", progress=lambda sent, total: progress.append((sent, total)))

@@ -74,7 +74,7 @@ MIXED = [
 ]
 
 
-def test_shared_batch_gives_each_request_its_solo_answer(make_engine):
+def test_batched_equals_solo_answers(make_engine):
     engine = make_engine(delay=0.005)
     alone = [engine.generate(prompt, parameters).response for prompt, parameters in zip(PROMPTS, MIXED)]
     steps_alone = _steps_with_more_than_one(engine)
@@ -91,7 +91,7 @@ def test_shared_batch_gives_each_request_its_solo_answer(make_engine):
     )
 
 
-def test_solo_answer_matches_transformers_generate(make_engine):
+def test_solo_matches_transformers_generate(make_engine):
     engine = make_engine(experts=0)
     encoded = engine.tokenizer("the quick brown fox", return_tensors="pt")
     reference = engine.model.generate(**encoded, max_new_tokens=15, do_sample=False, pad_token_id=engine.tokenizer.pad_token_id)
@@ -113,7 +113,7 @@ def test_seeded_sample_ignores_batch_neighbours(make_engine):
     assert together[0].details.seed == 7
 
 
-def test_request_joins_and_leaves_while_another_runs(make_engine):
+def test_request_joins_and_leaves_midflight(make_engine):
     engine = make_engine(delay=0.01)
     long = GenerateParameters(max_new_tokens=40, ignore_eos_token=True)
     short = GenerateParameters(max_new_tokens=4, ignore_eos_token=True, adapter_id="e1")
@@ -201,7 +201,7 @@ def _stream_in_thread(url: str, body: dict, seen: list) -> threading.Thread:
     return thread
 
 
-def test_full_queue_answers_503_at_once_and_recovers(slow_server):
+def test_full_queue_503_then_recovers(slow_server):
     engine, server = slow_server()
     long = {"inputs": "hello", "parameters": {"max_new_tokens": 40, "ignore_eos_token": True}}
     with server as url:
@@ -212,7 +212,7 @@ def test_full_queue_answers_503_at_once_and_recovers(slow_server):
         waiting = _stream_in_thread(url, long, second)
         _wait_until(lambda: engine.batcher.queue_depth == 1)
 
-        refused = httpx.post(f"{url}/generate", json={"inputs": "hi"}, timeout=60)
+        rejected = httpx.post(f"{url}/generate", json={"inputs": "hi"}, timeout=60)
         still_running = engine.batcher.running == 1
 
         running.join(timeout=60)
@@ -220,9 +220,9 @@ def test_full_queue_answers_503_at_once_and_recovers(slow_server):
         recovered = httpx.post(f"{url}/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}}, timeout=60)
 
     assert still_running, "the 503 came only after the running request finished"
-    assert refused.status_code == 503
-    assert int(refused.headers["Retry-After"]) >= 1
-    body = refused.json()
+    assert rejected.status_code == 503
+    assert int(rejected.headers["Retry-After"]) >= 1
+    body = rejected.json()
     assert body["code"] == "overloaded"
     assert body["error_type"] == "overloaded"
     assert "1 requests are already waiting" in body["detail"]
@@ -242,7 +242,7 @@ def test_request_past_the_timeout_is_503(slow_server):
     assert "did not finish within the server's timeout of 0.3 s" in response.json()["detail"]
 
 
-def test_client_that_disconnects_from_a_stream_cancels_it(slow_server):
+def test_stream_disconnect_cancels_generation(slow_server):
     engine, server = slow_server()
     with server as url:
         with httpx.stream("POST", f"{url}/generate_stream", json={"inputs": "hello", "parameters": {"max_new_tokens": 60, "ignore_eos_token": True}}, timeout=60) as response:
@@ -256,7 +256,7 @@ def test_client_that_disconnects_from_a_stream_cancels_it(slow_server):
     assert generated < 60
 
 
-def test_client_that_gives_up_on_generate_cancels_it(slow_server):
+def test_generate_disconnect_cancels_generation(slow_server):
     engine, server = slow_server()
     with server as url:
         with pytest.raises(httpx.ReadTimeout):
@@ -266,7 +266,7 @@ def test_client_that_gives_up_on_generate_cancels_it(slow_server):
     assert engine.metrics.registry.get_sample_value("quiver_generations_total", {"outcome": "cancelled"}) == 1
 
 
-def test_queue_of_zero_still_fills_the_batch(make_engine):
+def test_zero_queue_fills_batch(make_engine):
     engine = make_engine(experts=0, max_queue=0, max_batch_size=2)
 
     answers = _run_together(engine, ["abc", "def"], [GenerateParameters(max_new_tokens=3)] * 2)
@@ -274,7 +274,7 @@ def test_queue_of_zero_still_fills_the_batch(make_engine):
     assert all(answer.details.generated_tokens >= 1 for answer in answers)
 
 
-def test_full_batch_with_no_queue_is_refused(make_engine):
+def test_full_batch_zero_queue_rejected(make_engine):
     engine = make_engine(delay=0.01, experts=0, max_queue=0, max_batch_size=1)
     running = engine.submit(engine.encode("abc"), GenerateParameters(max_new_tokens=30, ignore_eos_token=True), request_id="first")
     next(running.iter_events())

@@ -99,18 +99,18 @@ def _quiver_on_terminal(*args: str) -> tuple[int, str, str]:
         return process.returncode, stdout.read(), b"".join(chunks).decode(errors="replace")
 
 
-def test_add_needs_the_token_and_shows_progress(server, tmp_path):
+def test_add_needs_token_shows_progress(server, tmp_path):
     url, _ = server
     adapter = make_adapter(tiny_llama(), tmp_path / "two", seed=2)
 
-    refused = _quiver("experts", "add", str(adapter), "--name", "two", "--url", url)
+    rejected = _quiver("experts", "add", str(adapter), "--name", "two", "--url", url)
     status, stdout, stderr = _quiver_on_terminal("experts", "add", str(adapter), "--name", "two", "--url", url, "--token", TOKEN)
     listed = _quiver("experts", "list", "--url", url, "--json")
     removed = _quiver("experts", "rm", "two", "--url", url, "--token", TOKEN, "--json")
 
-    assert refused.returncode == 1
-    assert "401 unauthorized: missing bearer token" in refused.stderr
-    assert refused.stderr.count("\n") == 1, "a progress bar was drawn on a stderr that is not a terminal"
+    assert rejected.returncode == 1
+    assert "401 unauthorized: missing bearer token" in rejected.stderr
+    assert rejected.stderr.count("\n") == 1, "a progress bar was drawn on a stderr that is not a terminal"
     assert status == 0, stderr
     assert stdout.startswith("added expert two")
     assert "uploading two" in stderr
@@ -130,7 +130,7 @@ def test_every_command_has_help_with_json(command):
     assert "--json" in result.stdout
 
 
-def test_serve_on_a_busy_port_fails_before_loading():
+def test_serve_busy_port_fails_early():
     import socket
 
     with socket.socket() as taken:
@@ -153,7 +153,7 @@ def test_unknown_route_names_the_path(server):
     assert "no route POST /v1/generate" in response.json()["error"]["message"]
 
 
-def test_invalid_expert_error_stays_on_one_line(server, tmp_path):
+def test_invalid_expert_error_one_line(server, tmp_path):
     import torch
 
     from tests.factories import edit_weights

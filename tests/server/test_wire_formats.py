@@ -179,7 +179,7 @@ def oai(url):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
 
-def test_openai_models_lists_the_library_and_each_expert(oai):
+def test_openai_models_lists_library_experts(oai):
     assert [model.id for model in oai.models.list()] == ["quiver", "one", "two"]
 
 
@@ -241,7 +241,7 @@ def test_openai_chat_stream(oai):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
-def test_openai_unknown_model_is_404_naming_the_choices(oai):
+def test_openai_unknown_model_is_404(oai):
     with pytest.raises(openai.NotFoundError, match="ghost") as caught:
         oai.completions.create(model="ghost", prompt="hi", max_tokens=2)
 
@@ -323,7 +323,7 @@ def test_metrics_count_requests_tokens_and_experts(url):
     assert ("quiver_batch_size_count", ()) in samples
 
 
-def test_one_log_line_per_request_with_its_id(url, caplog):
+def test_one_log_line_per_request(url, caplog):
     with caplog.at_level(logging.INFO, logger="quiver.server.routes.generate"):
         response = httpx.post(f"{url}/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2, "adapter_id": "two"}}, headers={"X-Request-ID": "trace-42"}, timeout=60)
 
@@ -334,7 +334,7 @@ def test_one_log_line_per_request_with_its_id(url, caplog):
     assert "top_experts=two:1.00" in lines[0]
 
 
-def test_openai_model_left_out_routes_the_library(url):
+def test_openai_no_model_routes_library(url):
     response = httpx.post(f"{url}/v1/completions", json={"prompt": "hello world", "max_tokens": 5, "temperature": 0}, timeout=60)
 
     assert response.status_code == 200
