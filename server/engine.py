@@ -110,6 +110,7 @@ class Engine:
             observer=self.metrics.batch_observer(),
         )
         self.metrics.watch(self.batcher)
+        self.eos_token_ids = frozenset(_eos_ids(self.model, self.tokenizer))
         self.max_total_tokens = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
 
     @property
@@ -178,7 +179,6 @@ class Engine:
         *,
         request_id: str,
         loop: asyncio.AbstractEventLoop | None = None,
-        stop_at_eos: bool = True,
     ) -> Job:
         """Queue a generation of ``prompt_ids``; its events arrive on the returned job.
 
@@ -205,9 +205,6 @@ class Engine:
         for name in settings.named_experts:
             if name not in known:
                 raise ExpertNotFoundError(name, sorted(known))
-        if settings.needs_input_means and self.router.input_means is None:
-            self.router.check_settings(settings)
-        eos = set() if parameters.ignore_eos_token or not stop_at_eos else _eos_ids(self.model, self.tokenizer)
         job = Job(
             request_id=request_id,
             prompt_ids=list(prompt_ids),
@@ -217,7 +214,7 @@ class Engine:
             sample=parameters.sampling,
             seed=parameters.seed,
             stop=tuple(parameters.stop),
-            eos_token_ids=frozenset(eos),
+            eos_token_ids=frozenset() if parameters.ignore_eos_token else self.eos_token_ids,
             prefill_details=parameters.details and parameters.decoder_input_details,
             timeout=self.settings.request_timeout,
             loop=loop,
